@@ -140,6 +140,10 @@ class Tokenizer:
   def id_to_piece(self, i):
     return self._sp.id_to_piece(int(i))
 
+  def serialized_model(self):
+    """The SentencePiece model bytes with the loc/seg pieces (for exporting, e.g. to HF)."""
+    return self._sp.serialized_model_proto()
+
 
 def _atomic_write(path, blob):
   path = os.fspath(path)
