@@ -6,7 +6,8 @@ record's report, else a template from the structured findings); one detection
 and one segmentation example when the record's lesions are known (a 'tb' record
 without objects has unknown lesions and gets neither). Segmentation needs
 masks (or `seg_from_boxes=True`, which uses box-shaped masks: weak targets) and
-a segmentation codec with `encode(mask uint8 [H, W], box [4]) -> 16 ints`.
+a segmentation codec (`seg_codec.SegCodec`: `encode(masks [n, H, W], boxes [n, 4])
+-> [n, 16]` ints).
 Objects are ordered by (y_min, x_min). Every example keeps the ground truth the
 evaluators need.
 """
@@ -186,8 +187,8 @@ def curate(record, *, class_names, tasks=prompts.TASKS, seg_codec=None, seg_from
       if seg_codec is None:
         raise CurationError(f"record {record.image_id!r}: the segmentation task needs a seg_codec "
                             "(big_vision_cxr.seg_codec); leave 'segmentation' out of tasks otherwise.")
-      seg_ids = [seg_codec.encode(m, b) for m, b in zip(objs.mask, objs.bbox)] if len(objs) else []
-      suffix = loc_codec.format_objects(objs.bbox, objs.label, seg_ids if len(objs) else None)
+      seg_ids = seg_codec.encode(objs.mask, objs.bbox) if len(objs) else None
+      suffix = loc_codec.format_objects(objs.bbox, objs.label, seg_ids)
       out.append(Example(task=task, prefix=prompts.segment_prefix(class_names), suffix=suffix,
                          objects=objs, **base))
   return out

@@ -1,0 +1,193 @@
+"""Reading radiographs: PNG/JPEG/TIFF (PIL) and DICOM (pydicom) -> uint8 [H, W].
+
+- Colour images whose channels are equal keep that grey; others are converted to
+  luma (ITU-R 601, PIL 'L').
+- More than 8 bits (16-bit PNG/TIFF, DICOM): DICOM applies the modality LUT,
+  then the VOI LUT or the first window (center/width, DICOM linear formula); with
+  neither, and for 16-bit PNG/TIFF, the image's own min..max is stretched to
+  0..255. MONOCHROME1 is inverted after that, so bright always means dense.
+- Errors name the file: `ImageError` for unreadable/unsupported content (no
+  pixel data, compressed DICOM without a decoder, multi-frame, corrupt PNG),
+  `DataPathError` for a path escaping the dataset root, missing, or too big.
+"""
+import logging
+import os
+import pathlib
+
+import numpy as np
+from PIL import Image
+
+MAX_BYTES = 256 << 20  # refuse files larger than this
+MAX_PIXELS = 16384 * 16384
+DICOM_SUFFIXES = (".dcm", ".dicom")
+
+
+class ImageError(ValueError):
+  """An image file cannot be read as a radiograph; the message names the file."""
+
+
+class DataPathError(ValueError):
+  """A path read from a data file is unsafe, missing or too large."""
+
+
+class Skips:
+  """Counts and logs what a reader skipped (never a silent loss)."""
+
+  def __init__(self, source):
+    self.source = source
+    self.items = []  # (path, reason)
+
+  def add(self, path, reason):
+    self.items.append((str(path), str(reason)))
+    logging.warning("%s: skipped %s: %s", self.source, path, reason)
+
+  def __len__(self):
+    return len(self.items)
+
+  def summary(self):
+    return {"count": len(self.items), "items": [dict(path=p, reason=r) for p, r in self.items]}
+
+
+def safe_path(root, relative, *, max_bytes=MAX_BYTES, must_exist=True):
+  """`root / relative` resolved; must stay inside root, exist and be at most max_bytes."""
+  root = pathlib.Path(root).resolve()
+  rel = str(relative)
+  if not rel or "\x00" in rel:
+    raise DataPathError(f"empty or invalid path {relative!r} (dataset root {root})")
+  path = (root / rel).resolve()
+  if path != root and root not in path.parents:
+    raise DataPathError(f"path {relative!r} escapes the dataset root {root}")
+  if must_exist:
+    if not path.is_file():
+      raise DataPathError(f"file not found: {path}")
+    size = path.stat().st_size
+    if size > max_bytes:
+      raise DataPathError(f"file {path} is {size} bytes, over the limit of {max_bytes}")
+  return path
+
+
+def _to_uint8(arr, path):
+  arr = np.asarray(arr)
+  if arr.dtype == np.uint8:
+    return arr
+  arr = arr.astype(np.float64)
+  lo, hi = float(arr.min()), float(arr.max())
+  if not np.isfinite([lo, hi]).all():
+    raise ImageError(f"{path}: non-finite pixel values")
+  if hi <= lo:
+    return np.zeros(arr.shape, np.uint8)
+  return np.round((arr - lo) / (hi - lo) * 255).astype(np.uint8)
+
+
+def _grey(arr, path):
+  """[H, W] or [H, W, C] -> [H, W]."""
+  if arr.ndim == 2:
+    return arr
+  if arr.ndim == 3 and arr.shape[-1] in (3, 4):
+    rgb = arr[..., :3]
+    if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]):
+      return rgb[..., 0]
+    w = np.array([0.299, 0.587, 0.114])
+    return np.round(rgb.astype(np.float64) @ w).astype(arr.dtype)
+  raise ImageError(f"{path}: unsupported pixel layout {arr.shape}")
+
+
+def _read_pil(path):
+  try:
+    with Image.open(path) as im:
+      if im.width * im.height > MAX_PIXELS:
+        raise ImageError(f"{path}: {im.width}x{im.height} is over {MAX_PIXELS} pixels")
+      if getattr(im, "n_frames", 1) > 1:
+        raise ImageError(f"{path}: multi-frame images are not supported")
+      if im.mode in ("P", "PA", "LA"):
+        im = im.convert("L")
+      arr = np.asarray(im)
+  except ImageError:
+    raise
+  except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError...)
+    raise ImageError(f"{path}: cannot decode image: {type(e).__name__}: {e}") from e
+  if arr.dtype == bool:
+    arr = arr.astype(np.uint8) * 255
+  return _to_uint8(_grey(arr, path), path)
+
+
+def _first(value):
+  try:
+    return float(value[0])  # multi-valued: the first window
+  except TypeError:
+    return float(value)
+
+
+def _window(arr, ds):
+  """The first VOI window (DICOM PS3.3 C.11.2.1.2 linear), to [0, 1]; None if absent."""
+  center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+  if center is None or width is None or _first(width) < 1:
+    return None
+  c, w = _first(center), _first(width)
+  return np.clip((arr - (c - 0.5)) / (w - 1) + 0.5, 0, 1)
+
+
+def _read_dicom(path):
+  import pydicom  # pylint: disable=import-outside-toplevel
+  from pydicom.pixels import apply_modality_lut, apply_voi_lut  # pylint: disable=import-outside-toplevel
+  try:
+    ds = pydicom.dcmread(path)
+  except Exception as e:
+    raise ImageError(f"{path}: not a readable DICOM file: {type(e).__name__}: {e}") from e
+  if "PixelData" not in ds:
+    raise ImageError(f"{path}: DICOM has no pixel data (PixelData element missing)")
+  if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+    raise ImageError(f"{path}: multi-frame DICOM ({ds.NumberOfFrames} frames) is not supported")
+  rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+  if rows * cols > MAX_PIXELS:
+    raise ImageError(f"{path}: {cols}x{rows} is over {MAX_PIXELS} pixels")
+  try:
+    arr = ds.pixel_array
+  except Exception as e:  # missing decoder for a compressed transfer syntax, truncated data...
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
+    raise ImageError(f"{path}: cannot decode DICOM pixel data (transfer syntax {syntax}; "
+                     f"a compressed syntax needs e.g. pylibjpeg or gdcm): {type(e).__name__}: {e}") from e
+  photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+  if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+    if photometric.startswith("RGB") or photometric.startswith("YBR"):
+      return _to_uint8(_grey(np.asarray(arr), path), path)
+    raise ImageError(f"{path}: unsupported PhotometricInterpretation {photometric}")
+  if np.asarray(arr).ndim != 2:
+    raise ImageError(f"{path}: expected a 2-D greyscale frame, got shape {np.asarray(arr).shape}")
+  arr = np.asarray(apply_modality_lut(arr, ds), np.float64)
+  window = _window(arr, ds)
+  if window is not None:
+    out = np.round(window * 255).astype(np.uint8)
+  elif "VOILUTSequence" in ds:
+    out = _to_uint8(apply_voi_lut(arr, ds), path)
+  else:
+    out = _to_uint8(arr, path)
+  if photometric == "MONOCHROME1":
+    out = 255 - out
+  return out
+
+
+def is_dicom(path):
+  path = pathlib.Path(path)
+  if path.suffix.lower() in DICOM_SUFFIXES:
+    return True
+  try:
+    with open(path, "rb") as f:
+      f.seek(128)
+      return f.read(4) == b"DICM"
+  except OSError:
+    return False
+
+
+def read_image(path, *, root=None, max_bytes=MAX_BYTES):
+  """A radiograph as uint8 [H, W]; `root` given: `path` is relative and validated."""
+  path = safe_path(root, path, max_bytes=max_bytes) if root is not None else pathlib.Path(path)
+  if root is None:
+    if not path.is_file():
+      raise DataPathError(f"file not found: {path}")
+    if os.path.getsize(path) > max_bytes:
+      raise DataPathError(f"file {path} is over the limit of {max_bytes} bytes")
+  image = _read_dicom(path) if is_dicom(path) else _read_pil(path)
+  if image.ndim != 2 or min(image.shape) < 1:
+    raise ImageError(f"{path}: empty image {image.shape}")
+  return np.ascontiguousarray(image)
