@@ -1,0 +1,1 @@
+"""Model definitions: SigLIP ViT, Gemma and PaliGemma (big_vision param layout)."""

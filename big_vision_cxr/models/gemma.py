@@ -1,0 +1,254 @@
+"""Gemma 1 / Gemma 2 decoder in the big_vision layout, with scanned layers and a KV cache.
+
+Params (below `llm/` in a PaliGemma checkpoint), depth stacked on axis 0:
+  embedder/input_embedding [V, D]          tied input embedding / output projection
+  layers/pre_attention_norm/scale [L, D]   RMSNorm, applied as (1 + scale)
+  layers/attn/q_einsum/w [L, N, D, H]
+  layers/attn/kv_einsum/w [L, 2, K, D, H]
+  layers/attn/attn_vec_einsum/w [L, N, H, D]
+  layers/pre_ffw_norm/scale [L, D]
+  layers/mlp/gating_einsum [L, 2, D, F]    [0] is the GELU gate, [1] the up projection
+  layers/mlp/linear [L, F, D]
+  layers/post_{attention,ffw}_norm/scale   Gemma 2 only (`post_norms=True`)
+  final_norm/scale [D]
+Gemma 2's sliding-window attention is not implemented (as in big_vision): it only
+matters for sequences longer than 4096 tokens.
+
+KV cache (flax collection "cache", built by `init_cache`): `layers/attn/k_cache`,
+`v_cache` [L, B, S, K, H] and `layers/attn/cache_index` [L] int32 (one copy per layer,
+all equal). A `decode=True` call writes its T new keys/values at
+[cache_index, cache_index + T), advances the index and attends over all S slots
+with the caller's mask [B, T, S].
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from big_vision_cxr.models import vit
+
+MASKED_LOGIT = -2.3819763e38
+
+
+def get_config(variant):
+  """Gemma architectures used by PaliGemma 1 and 2 (vocab set by PaliGemma)."""
+  gemma2 = dict(post_norms=True, attn_logits_softcap=50.0, final_logits_softcap=30.0)
+  configs = {
+      "gemma_2b": dict(width=2048, depth=18, mlp_dim=16384, num_heads=8, num_kv_heads=1,
+                       head_dim=256),
+      "gemma2_2b": dict(width=2304, depth=26, mlp_dim=9216, num_heads=8, num_kv_heads=4,
+                        head_dim=256, **gemma2),
+      "gemma2_9b": dict(width=3584, depth=42, mlp_dim=14336, num_heads=16, num_kv_heads=8,
+                        head_dim=256, **gemma2),
+      "gemma2_27b": dict(width=4608, depth=46, mlp_dim=36864, num_heads=32, num_kv_heads=16,
+                         head_dim=128, query_pre_attn_norm="rsqrt_emb_per_head", **gemma2),
+  }
+  if variant not in configs:
+    raise ValueError(f"Unknown Gemma variant {variant!r}; known: {', '.join(configs)}.")
+  return dict(configs[variant])
+
+
+def softcap(x, cap):
+  return x if not cap else jnp.tanh(x / cap) * cap
+
+
+def apply_rope(x, positions, max_wavelength=10_000):
+  """Rotary embedding, split-half convention. x [B, T, N, H], positions [B, T]."""
+  half = x.shape[-1] // 2
+  timescale = max_wavelength ** (2 * jnp.arange(half, dtype=jnp.float32) / x.shape[-1])
+  angle = positions[..., None].astype(jnp.float32) / timescale  # [B, T, H/2]
+  sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+  """x * rsqrt(mean(x^2) + 1e-6) * (1 + scale), computed in float32."""
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.zeros, (x.shape[-1],))
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + 1e-6)
+    return (normed * (1 + scale)).astype(x.dtype)
+
+
+class Einsum(nn.Module):
+  """A weight `w` of a given shape used in one einsum."""
+  shape: tuple
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, eqn, x):
+    w = self.param("w", nn.initializers.lecun_normal(in_axis=-2, out_axis=-1,
+                                                                 batch_axis=tuple(range(len(self.shape) - 2))),
+                   self.shape)
+    return jnp.einsum(eqn, x, w.astype(self.dtype))
+
+
+class Embedder(nn.Module):
+  """Tied token embedding: encode multiplies by sqrt(D), decode is x @ table.T."""
+  vocab_size: int
+  width: int
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.input_embedding = self.param("input_embedding", nn.initializers.normal(),
+                                      (self.vocab_size, self.width))
+
+  def encode(self, tokens):  # [B, T] -> [B, T, D]
+    x = self.input_embedding.astype(self.dtype)[(tokens,)]
+    return x * jnp.sqrt(float(self.width)).astype(self.dtype)
+
+  def decode(self, x):  # [B, T, D] -> [B, T, V]
+    return jnp.dot(x, self.input_embedding.astype(self.dtype).T)
+
+
+class Attention(nn.Module):
+  """Multi-query / grouped-query attention with RoPE, float32 logits and a KV cache."""
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  query_scale: float
+  attn_logits_softcap: Any = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, positions, attn_mask, decode):
+    width = x.shape[-1]
+    n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
+    if n % k:
+      raise ValueError(f"num_heads {n} is not a multiple of num_kv_heads {k}.")
+    q = Einsum((n, width, h), self.dtype, name="q_einsum")("BTD,NDH->BTNH", x)
+    kv = Einsum((2, k, width, h), self.dtype, name="kv_einsum")("BSD,CKDH->CBSKH", x)
+    keys, values = kv[0], kv[1]  # [B, T, K, H]
+    q = apply_rope(q, positions) * jnp.asarray(self.query_scale, q.dtype)
+    keys = apply_rope(keys, positions)
+
+    if decode:
+      if not (self.has_variable("cache", "k_cache") and self.is_mutable_collection("cache")):
+        raise ValueError("decode=True needs a mutable 'cache' collection from Model.init_cache "
+                         "(apply(..., {'params': p, 'cache': c}, mutable=['cache'])).")
+      k_cache = self.variable("cache", "k_cache", None)
+      v_cache = self.variable("cache", "v_cache", None)
+      index = self.variable("cache", "cache_index", None)
+      start = (0, index.value, 0, 0)
+      k_cache.value = jax.lax.dynamic_update_slice(
+          k_cache.value, keys.astype(k_cache.value.dtype), start)
+      v_cache.value = jax.lax.dynamic_update_slice(
+          v_cache.value, values.astype(v_cache.value.dtype), start)
+      index.value = index.value + x.shape[1]
+      keys, values = k_cache.value.astype(self.dtype), v_cache.value.astype(self.dtype)
+
+    b, t = q.shape[:2]
+    q = q.reshape(b, t, k, n // k, h)  # [B, T, K, G, H]
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, keys, preferred_element_type=jnp.float32)
+    logits = softcap(logits, self.attn_logits_softcap)
+    if attn_mask.shape != (b, t, keys.shape[1]):
+      raise ValueError(f"attn_mask must be [B, T, S] = {(b, t, keys.shape[1])}, "
+                       f"got {tuple(attn_mask.shape)}.")
+    logits = jnp.where(attn_mask[:, None, None, :, :], logits, MASKED_LOGIT)
+    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    encoded = jnp.einsum("BKGTS,BSKH->BTKGH", probs, values).reshape(b, t, n, h)
+    return Einsum((n, h, width), self.dtype, name="attn_vec_einsum")("BTNH,NHD->BTD", encoded)
+
+
+class FeedForward(nn.Module):
+  """Gated tanh-GELU MLP: linear(gelu(x G0) * (x G1))."""
+  mlp_dim: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    w_gating = self.param("gating_einsum", nn.initializers.lecun_normal(batch_axis=(0,)),
+                          (2, width, self.mlp_dim)).astype(self.dtype)
+    h = jnp.einsum("BTD,CDF->CBTF", x, w_gating)  # [2, B, T, F]
+    h = nn.gelu(h[0], approximate=True) * h[1]
+    w_linear = self.param("linear", nn.initializers.lecun_normal(),
+                          (self.mlp_dim, width)).astype(self.dtype)
+    return jnp.einsum("BTF,FD->BTD", h, w_linear)
+
+
+class Block(nn.Module):
+  """One decoder layer; Gemma 2 adds post-attention / post-FFW norms."""
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  query_scale: float
+  post_norms: bool = False
+  attn_logits_softcap: Any = None
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, positions, attn_mask, decode, deterministic):
+    y = RMSNorm(name="pre_attention_norm")(x)
+    y = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.query_scale,
+                  self.attn_logits_softcap, self.dtype, name="attn")(y, positions, attn_mask, decode)
+    if self.post_norms:
+      y = RMSNorm(name="post_attention_norm")(y)
+    x = x + nn.Dropout(rate=self.dropout)(y, deterministic)
+    y = RMSNorm(name="pre_ffw_norm")(x)
+    y = FeedForward(self.mlp_dim, self.dtype, name="mlp")(y)
+    if self.post_norms:
+      y = RMSNorm(name="post_ffw_norm")(y)
+    return x + nn.Dropout(rate=self.dropout)(y, deterministic), None
+
+
+class Model(nn.Module):
+  """Gemma decoder. `embed_tokens`, `__call__` (hidden states) and `logits` are separate
+  so that PaliGemma can put image tokens first and take logits of text positions only."""
+  vocab_size: int = 257152
+  width: int = 2048
+  depth: int = 18
+  mlp_dim: int = 16384
+  num_heads: int = 8
+  num_kv_heads: int = 1
+  head_dim: int = 256
+  post_norms: bool = False
+  attn_logits_softcap: Any = None
+  final_logits_softcap: Any = None
+  query_pre_attn_norm: str = "rsqrt_head_dim"
+  dropout: float = 0.0
+  remat: Any = False
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    if self.query_pre_attn_norm == "rsqrt_head_dim":
+      query_scale = self.head_dim ** -0.5
+    elif self.query_pre_attn_norm == "rsqrt_emb_per_head":
+      query_scale = (self.width // self.num_heads) ** -0.5
+    else:
+      raise ValueError(f"Unknown query_pre_attn_norm {self.query_pre_attn_norm!r}.")
+    self.embedder = Embedder(self.vocab_size, self.width, self.dtype)
+    blocks = vit.scan_blocks(Block, self.depth, self.remat, num_broadcast_args=4,
+                             static_argnums=(4, 5),
+                             variable_axes=("params", "cache"))
+    self.layers = blocks(
+        num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+        mlp_dim=self.mlp_dim, query_scale=query_scale, post_norms=self.post_norms,
+        attn_logits_softcap=self.attn_logits_softcap, dropout=self.dropout, dtype=self.dtype)
+    self.final_norm = RMSNorm()
+
+  def embed_tokens(self, tokens):  # [B, T] int -> [B, T, D]
+    return self.embedder.encode(tokens)
+
+  def __call__(self, x, positions, attn_mask, *, decode=False, deterministic=True):
+    """x [B, T, D] embedded inputs -> final-normed hidden states [B, T, D]."""
+    x = x.astype(self.dtype)
+    x, _ = self.layers(x, positions, attn_mask, decode, deterministic)
+    return self.final_norm(x)
+
+  def logits(self, pre_logits):  # [B, T, D] -> [B, T, V] float32
+    logits = self.embedder.decode(pre_logits).astype(jnp.float32)
+    return softcap(logits, self.final_logits_softcap)
+
+  def init_cache(self, batch_size, cache_size, dtype=None):
+    """The empty "cache" collection of this module (no params needed)."""
+    shape = (self.depth, batch_size, cache_size, self.num_kv_heads, self.head_dim)
+    dtype = dtype or self.dtype
+    return {"layers": {"attn": {"k_cache": jnp.zeros(shape, dtype),
+                                "v_cache": jnp.zeros(shape, dtype),
+                                "cache_index": jnp.zeros((self.depth,), jnp.int32)}}}

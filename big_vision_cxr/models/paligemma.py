@@ -1,0 +1,127 @@
+"""PaliGemma = SigLIP ViT (`img/`) + Gemma (`llm/`), prefix-LM attention.
+
+Image tokens come first and are not scaled; text tokens are embedded times sqrt(D).
+`make_attn_mask` builds the prefix-LM mask from `mask_ar` (0: bidirectional block with
+everything before, 1: causal). See docs/ARCHITECTURE.md ("Model") for the contract.
+"""
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+from big_vision_cxr.models import gemma
+from big_vision_cxr.models import vit
+from big_vision_cxr.registry import MODELS
+
+PG_VOCAB = 256000 + 1024 + 128  # Gemma base vocabulary + <loc> + <seg> tokens.
+SO400M = dict(patch_size=14, width=1152, depth=27, mlp_dim=4304, num_heads=16)
+
+
+def make_attn_mask(input_mask, mask_ar):
+  """Prefix-LM mask [B, N, N]: i sees j iff cumsum(mask_ar)[j] <= cumsum(mask_ar)[i]
+  and both are valid inputs."""
+  cumsum = jnp.cumsum(mask_ar, axis=1)  # [B, N]
+  attn_mask = cumsum[:, None, :] <= cumsum[:, :, None]
+  valid = input_mask[:, None, :] * input_mask[:, :, None]
+  return jnp.logical_and(attn_mask, valid.astype(bool))
+
+
+def _pg_config(res, llm_variant, **llm_overrides):
+  llm = dict(vocab_size=PG_VOCAB, **gemma.get_config(llm_variant))
+  llm.update(llm_overrides)
+  return dict(img=dict(image_size=res, **SO400M), llm=llm)
+
+
+def _variants():
+  variants = {}
+  for res in (224, 448, 896):
+    variants[f"pg1_3b_{res}"] = _pg_config(res, "gemma_2b")
+    for size, llm in (("3b", "gemma2_2b"), ("10b", "gemma2_9b"), ("28b", "gemma2_27b")):
+      variants[f"pg2_{size}_{res}"] = _pg_config(res, llm)
+  small_vit = dict(image_size=32, patch_size=8, width=24, depth=2, mlp_dim=40, num_heads=3)
+  variants["tiny"] = dict(  # PG1-like: MQA, num_heads * head_dim (4*12) != width (32).
+      img=small_vit,
+      llm=dict(vocab_size=2304, width=32, depth=2, mlp_dim=48, num_heads=4, num_kv_heads=1,
+               head_dim=12))
+  variants["tiny_pg2"] = dict(  # PG2-like: GQA, softcaps, post-norms.
+      img=small_vit,
+      llm=dict(vocab_size=2304, width=32, depth=2, mlp_dim=48, num_heads=4, num_kv_heads=2,
+               head_dim=12, post_norms=True, attn_logits_softcap=50.0,
+               final_logits_softcap=30.0))
+  variants["demo"] = dict(  # What `:demo` trains on CPU; vocab = 1000 base + 1024 loc + 128 seg.
+      img=dict(image_size=64, patch_size=8, width=96, depth=2, mlp_dim=384, num_heads=4),
+      llm=dict(vocab_size=1000 + 1024 + 128, width=128, depth=3, mlp_dim=512, num_heads=4,
+               num_kv_heads=1, head_dim=32))
+  variants["bench_100m"] = dict(  # >= 100M params, full PaliGemma vocabulary.
+      img=dict(image_size=224, patch_size=16, width=384, depth=6, mlp_dim=1536, num_heads=6),
+      llm=dict(vocab_size=PG_VOCAB, width=384, depth=6, mlp_dim=1536, num_heads=6,
+               num_kv_heads=1, head_dim=64))
+  return variants
+
+
+VARIANTS = _variants()
+
+
+def get_config(variant):
+  """ConfigDict(img=..., llm=...) for `Model(**config)`. Variants: see VARIANTS."""
+  if variant not in VARIANTS:
+    raise ValueError(f"Unknown PaliGemma variant {variant!r}; known: {', '.join(VARIANTS)}.")
+  return ml_collections.ConfigDict(VARIANTS[variant])
+
+
+@MODELS.register("paligemma")
+class Model(nn.Module):
+  """PaliGemma. `img` and `llm` are the kwargs of vit.Model and gemma.Model."""
+  img: Mapping[str, Any]
+  llm: Mapping[str, Any]
+
+  def setup(self):
+    llm = dict(self.llm)
+    self._llm = gemma.Model(**llm, name="llm")
+    self._img = vit.Model(**{"num_classes": self._llm.width, **dict(self.img)}, name="img")
+
+  def embed_image(self, image, train=False):
+    """image [B, H, W, 3] in [-1, 1] -> (zimg [B, N, D], out)."""
+    zimg, out = self._img(image, train=train)
+    out["zimg"] = zimg
+    return zimg, out
+
+  def embed_image_and_text(self, image, text, *, input_mask=None, mask_ar=None, train=False):
+    """-> (x [B, N+T, D], input_mask [B, N+T], mask_ar [B, N+T]); image tokens first."""
+    zimg, _ = self.embed_image(image, train=train)
+    ztxt = self._llm.embed_tokens(text)
+    x = jnp.concatenate([zimg.astype(ztxt.dtype), ztxt], axis=1)
+    b, n = zimg.shape[:2]
+    if input_mask is None:
+      input_mask = jnp.ones(text.shape, bool)
+    if mask_ar is None:
+      mask_ar = jnp.ones(text.shape, jnp.int32)
+    input_mask = jnp.concatenate([jnp.ones((b, n), bool), input_mask.astype(bool)], axis=1)
+    mask_ar = jnp.concatenate([jnp.zeros((b, n), jnp.int32), mask_ar.astype(jnp.int32)], axis=1)
+    return x, input_mask, mask_ar
+
+  def llm_forward(self, x_or_tokens, positions, attn_mask, *, decode=False, train=False):
+    """Runs the LLM on embeddings [B,T,D] (or int tokens [B,T], embedded here).
+    attn_mask [B, T, S]; S = T without cache, the cache size with decode=True."""
+    x = x_or_tokens
+    if jnp.issubdtype(x.dtype, jnp.integer):
+      x = self._llm.embed_tokens(x)
+    pre_logits = self._llm(x, positions, attn_mask, decode=decode, deterministic=not train)
+    return self._llm.logits(pre_logits), {"pre_logits": pre_logits}
+
+  def __call__(self, image, text, mask_ar, *, train=False):
+    """-> (logits [B, T, V] float32 for the text positions, out)."""
+    x, input_mask, full_mask_ar = self.embed_image_and_text(image, text, mask_ar=mask_ar,
+                                                            train=train)
+    attn_mask = make_attn_mask(input_mask, full_mask_ar)
+    positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+    pre_logits = self._llm(x, positions, attn_mask, deterministic=not train)
+    text_pre_logits = pre_logits[:, x.shape[1] - text.shape[1]:]
+    return self._llm.logits(text_pre_logits), {"pre_logits": text_pre_logits}
+
+  def init_cache(self, batch_size, cache_size, dtype=None):
+    """Empty "cache" collection for `llm_forward(..., decode=True)`; dtype defaults to the
+    LLM compute dtype. Works on an unbound Model (no params needed)."""
+    llm = gemma.Model(**dict(self.llm), parent=None)
+    return {"llm": llm.init_cache(batch_size, cache_size, dtype)}

@@ -1,0 +1,139 @@
+"""SigLIP ViT image encoder as PaliGemma uses it (big_vision `vit.py` layout).
+
+`pool_type='none'`: every patch token is kept, normalised by `encoder_norm` and
+projected by the linear `head` to the LLM width. Blocks are scanned, so the
+params are stacked on a leading depth axis exactly like the official .npz:
+`Transformer/encoderblock/...` with shapes `[depth, ...]`.
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def remat_policy(remat):
+  """Maps a config value to (use_remat, policy): False/None/'none', True or a
+  `jax.checkpoint_policies` name such as 'nothing_saveable' or 'dots_saveable'."""
+  if remat in (None, False, "none", ""):
+    return False, None
+  if remat is True:
+    return True, None
+  if not hasattr(jax.checkpoint_policies, remat):
+    raise ValueError(f"Unknown remat policy {remat!r}; use a bool or a name in "
+                     "jax.checkpoint_policies (e.g. 'nothing_saveable').")
+  return True, getattr(jax.checkpoint_policies, remat)
+
+
+def scan_blocks(block_cls, depth, remat, num_broadcast_args, static_argnums,
+                variable_axes=("params",)):
+  """Wraps `block_cls` (a module whose __call__(x, *broadcast) returns (x, None))
+  in optional remat and `nn.scan` over `depth` stacked layers. `static_argnums`
+  (counting `self` as 0) are the Python-valued arguments remat must not trace."""
+  use_remat, policy = remat_policy(remat)
+  if use_remat:
+    block_cls = nn.remat(block_cls, prevent_cse=False, policy=policy,
+                         static_argnums=static_argnums)
+  return nn.scan(
+      block_cls,
+      variable_axes={name: 0 for name in variable_axes},
+      split_rngs={"params": True, "dropout": True},
+      in_axes=(nn.broadcast,) * num_broadcast_args,
+      length=depth)
+
+
+class MlpBlock(nn.Module):
+  """Dense -> tanh-GELU -> Dense."""
+  mlp_dim: int
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic=True):  # [B, N, C]
+    width = x.shape[-1]
+    init = dict(kernel_init=nn.initializers.xavier_uniform(),
+                bias_init=nn.initializers.normal(stddev=1e-6))
+    x = nn.Dense(self.mlp_dim, dtype=self.dtype, **init)(x)  # [B, N, F]
+    x = nn.gelu(x, approximate=True)
+    x = nn.Dropout(rate=self.dropout)(x, deterministic)
+    return nn.Dense(width, dtype=self.dtype, **init)(x)  # [B, N, C]
+
+
+class Encoder1DBlock(nn.Module):
+  """Pre-LN transformer block: x + MHA(LN(x)), then x + MLP(LN(x))."""
+  mlp_dim: int
+  num_heads: int
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic):  # [B, N, C]
+    y = nn.LayerNorm(dtype=self.dtype)(x)
+    y = nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads, dtype=self.dtype,
+        kernel_init=nn.initializers.xavier_uniform(),
+        deterministic=True)(y, y)
+    y = nn.Dropout(rate=self.dropout)(y, deterministic)
+    x = x + y
+    y = nn.LayerNorm(dtype=self.dtype)(x)
+    y = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout, dtype=self.dtype)(y, deterministic)
+    y = nn.Dropout(rate=self.dropout)(y, deterministic)
+    return x + y, None
+
+
+class Encoder(nn.Module):
+  """Scanned stack of `encoderblock`s followed by `encoder_norm`."""
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  dropout: float = 0.0
+  remat: Any = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic=True):
+    blocks = scan_blocks(Encoder1DBlock, self.depth, self.remat, num_broadcast_args=1,
+                         static_argnums=(2,))
+    x, _ = blocks(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
+                  dtype=self.dtype, name="encoderblock")(x, deterministic)
+    return nn.LayerNorm(name="encoder_norm", dtype=self.dtype)(x)
+
+
+class Model(nn.Module):
+  """ViT with `pool_type='none'`: image [B,H,W,3] in [-1,1] -> tokens [B,N,num_classes]."""
+  num_classes: int  # the LLM width (PaliGemma sets it from llm.width)
+  image_size: int = 224
+  patch_size: int = 14
+  width: int = 1152
+  depth: int = 27
+  mlp_dim: int = 4304
+  num_heads: int = 16
+  dropout: float = 0.0
+  head_zeroinit: bool = True
+  remat: Any = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, image, *, train=False):
+    if image.ndim != 4 or image.shape[1:] != (self.image_size, self.image_size, 3):
+      raise ValueError(f"ViT expects images [B, {self.image_size}, {self.image_size}, 3], "
+                       f"got shape {tuple(image.shape)}.")
+    if self.image_size % self.patch_size:
+      raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}.")
+    out = {}
+    x = nn.Conv(self.width, (self.patch_size, self.patch_size), strides=self.patch_size,
+                padding="VALID", name="embedding", dtype=self.dtype)(image)  # [B, h, w, C]
+    b, h, w, c = x.shape
+    x = jnp.reshape(x, (b, h * w, c))  # [B, N, C]
+    posemb = self.param("pos_embedding", nn.initializers.normal(stddev=1 / np.sqrt(c)),
+                        (1, h * w, c))
+    x = x + posemb.astype(x.dtype)
+    x = nn.Dropout(rate=self.dropout)(x, not train)
+    x = Encoder(depth=self.depth, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
+                dropout=self.dropout, remat=self.remat, dtype=self.dtype,
+                name="Transformer")(x, deterministic=not train)
+    out["encoded"] = x
+    kernel_init = nn.initializers.zeros if self.head_zeroinit else nn.initializers.lecun_normal()
+    x = nn.Dense(self.num_classes, kernel_init=kernel_init, name="head", dtype=self.dtype)(x)
+    return x, out  # [B, N, D]
