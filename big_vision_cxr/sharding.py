@@ -1,0 +1,139 @@
+"""Device mesh, FSDP / data-parallel sharding rules and global batches.
+
+`config.mesh = [('data', -1)]` (or e.g. `[('data', 2), ('fsdp', -1)]`) names the mesh
+axes; -1 takes the remaining devices. `config.sharding_strategy` is a list of
+`(regex, rule)` over the '/'-joined names of the train state ('params/llm/...',
+'opt/...'), first match wins:
+  'replicate'
+  'fsdp(axis="data", min_size_to_shard_mb=4)'  big_vision's rule: shard the largest
+      dimension divisible by the axis size; tensors below the size threshold stay whole.
+  'shard_dim(axis="data", dim=0)'
+Batches are global arrays split over all mesh axes on the batch dimension.
+"""
+import ast
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from big_vision_cxr import optim
+
+
+class ShardingError(ValueError):
+  """A mesh or sharding rule that cannot be built for these devices or shapes."""
+
+
+def maybe_initialize_distributed(config):
+  """jax.distributed.initialize() for multi-host runs (config.distributed or env)."""
+  wanted = config.get("distributed", False) or os.environ.get("BVCXR_DISTRIBUTED") == "1"
+  if wanted:
+    jax.distributed.initialize()
+  return wanted
+
+
+def create_mesh(mesh_spec, devices=None):
+  """[('data', -1), ('fsdp', 4)] -> Mesh; -1 takes the devices left over."""
+  devices = list(jax.devices() if devices is None else devices)
+  names = [name for name, _ in mesh_spec]
+  sizes = [int(size) for _, size in mesh_spec]
+  if len(set(names)) != len(names):
+    raise ShardingError(f"config.mesh repeats an axis name: {names}.")
+  if sizes.count(-1) > 1:
+    raise ShardingError(f"config.mesh: at most one axis may be -1, got {list(mesh_spec)}.")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if known <= 0 or len(devices) % known:
+    raise ShardingError(f"config.mesh {list(mesh_spec)} does not fit {len(devices)} devices.")
+  sizes = [len(devices) // known if s == -1 else s for s in sizes]
+  if int(np.prod(sizes)) != len(devices):
+    raise ShardingError(f"config.mesh {list(mesh_spec)} uses {int(np.prod(sizes))} devices, "
+                        f"but there are {len(devices)}.")
+  return Mesh(np.asarray(devices).reshape(sizes), names)
+
+
+def _parse_rule(rule):
+  """'fsdp(axis="data")' -> ('fsdp', {'axis': 'data'})."""
+  try:
+    node = ast.parse(rule, mode="eval").body
+  except SyntaxError as e:
+    raise ShardingError(f"bad sharding rule {rule!r}: {e}") from e
+  if isinstance(node, ast.Name):
+    return node.id, {}
+  if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.args:
+    return node.func.id, {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}
+  raise ShardingError(f"bad sharding rule {rule!r}: expected name or name(key=value, ...).")
+
+
+def fsdp_spec(shape, itemsize, mesh, axis="data", min_size_to_shard_mb=4):
+  """big_vision's FSDP rule for one array: PartitionSpec sharding its largest divisible dim."""
+  axes = (axis,) if isinstance(axis, str) else tuple(axis)
+  for a in axes:
+    if a not in mesh.shape:
+      raise ShardingError(f"fsdp axis {a!r} is not in the mesh {dict(mesh.shape)}.")
+  n = int(np.prod([mesh.shape[a] for a in axes]))
+  spec = [None] * len(shape)
+  if n == 1 or np.prod(shape, dtype=np.int64) * itemsize <= min_size_to_shard_mb * 2**20:
+    return P(*spec)
+  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):  # largest first
+    if shape[dim] % n == 0:
+      spec[dim] = axes[0] if len(axes) == 1 else axes
+      return P(*spec)
+  return P(*spec)
+
+
+def _spec_for(rule, shape, itemsize, mesh):
+  name, kw = _parse_rule(rule)
+  if name == "replicate":
+    return P()
+  if name == "fsdp":
+    return fsdp_spec(shape, itemsize, mesh, **kw)
+  if name == "shard_dim":
+    axis, dim = kw.get("axis", "data"), kw.get("dim", 0)
+    if not shape or dim >= len(shape) or shape[dim] % mesh.shape[axis]:
+      return P()
+    spec = [None] * len(shape)
+    spec[dim] = axis
+    return P(*spec)
+  raise ShardingError(f"unknown sharding rule {name!r}; known: replicate, fsdp, shard_dim.")
+
+
+def infer_sharding(tree, strategy, mesh):
+  """NamedSharding for each leaf of `tree` (arrays or ShapeDtypeStructs) by strategy."""
+  compiled = optim._compile(strategy, "config.sharding_strategy")
+
+  def one(name, leaf):
+    found, rule = optim.first_match(name, compiled)
+    if not found:
+      raise ShardingError(f"config.sharding_strategy matches no rule for {name!r}.")
+    shape = tuple(getattr(leaf, "shape", ()))
+    itemsize = np.dtype(getattr(leaf, "dtype", np.float32)).itemsize
+    return NamedSharding(mesh, _spec_for(rule, shape, itemsize, mesh))
+
+  return optim.tree_map_with_names(one, tree)
+
+
+def batch_sharding(mesh):
+  """Batch dim split over every mesh axis."""
+  return NamedSharding(mesh, P(tuple(mesh.axis_names)))
+
+
+def make_global_batch(local_batch, mesh):
+  """Per-process numpy batch -> global jax arrays sharded on the batch dimension."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+                      local_batch)
+
+
+def check_batch_fits(batch_size, mesh, microbatches=1):
+  """Fails before compiling when the global batch cannot be split over the devices."""
+  n = mesh.size
+  if batch_size % n:
+    raise ShardingError(f"config.input.batch_size={batch_size} is not divisible by the "
+                        f"{n} devices of the mesh {dict(mesh.shape)}.")
+  if batch_size % (microbatches * n):
+    raise ShardingError(f"config.input.batch_size={batch_size} cannot be split into "
+                        f"config.microbatches={microbatches} microbatches of a multiple of "
+                        f"{n} devices each.")
+  if batch_size % jax.process_count():
+    raise ShardingError(f"config.input.batch_size={batch_size} is not divisible by the "
+                        f"{jax.process_count()} processes.")
