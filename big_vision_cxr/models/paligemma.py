@@ -4,12 +4,16 @@ Image tokens come first and are not scaled; text tokens are embedded times sqrt(
 `make_attn_mask` builds the prefix-LM mask from `mask_ar` (0: bidirectional block with
 everything before, 1: causal). See docs/ARCHITECTURE.md ("Model") for the contract.
 """
+import re
 from typing import Any, Mapping
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
+from big_vision_cxr import npz
 from big_vision_cxr.models import gemma
 from big_vision_cxr.models import vit
 from big_vision_cxr.registry import MODELS
@@ -125,3 +129,56 @@ class Model(nn.Module):
     LLM compute dtype. Works on an unbound Model (no params needed)."""
     llm = gemma.Model(**dict(self.llm), parent=None)
     return {"llm": llm.init_cache(batch_size, cache_size, dtype)}
+
+
+def load(init_params, init_file, model_cfg=None, dont_load=()):
+  """Loads a big_vision .npz into a params tree shaped like `init_params`.
+
+  init_params: the model's params (arrays, or jax.ShapeDtypeStruct from eval_shape).
+  init_file: 'file.npz' (keys with or without 'params/'), or 'file.npz:img' /
+    'file.npz:llm' to load only that sub-tree of the file into the same sub-tree.
+  dont_load: regexes (full match on '/'-joined names) of params to keep from
+    init_params, e.g. ['img/head/.*'].
+  model_cfg: accepted for big_vision signature compatibility; shapes come from init_params.
+  Returns the merged tree: loaded leaves as numpy arrays in the init dtype, other leaves
+  as they were in init_params. `img/pos_embedding` is resampled if the grid differs.
+  Raises npz.CheckpointError naming missing/unexpected keys or mismatched shapes.
+  """
+  del model_cfg
+  path, subtree = npz.split_spec(init_file)
+  loaded = npz.load_tree(init_file)
+  if subtree:
+    for part in reversed(subtree.split("/")):
+      loaded = {part: loaded}
+  flat_init = npz.flatten(init_params)
+  flat_loaded = npz.flatten(loaded)
+  skip = [re.compile(p) for p in dont_load]
+  in_scope = lambda name: not subtree or name.startswith(subtree + "/")
+  wanted = {k for k in flat_init if in_scope(k) and not any(p.fullmatch(k) for p in skip)}
+  missing = sorted(wanted - set(flat_loaded))
+  unexpected = sorted(k for k in set(flat_loaded) - set(flat_init)
+                      if not any(p.fullmatch(k) for p in skip))
+  if missing or unexpected:
+    raise npz.CheckpointError(
+        f"{init_file}: params do not match the model. Missing in the file: {missing}. "
+        f"Unexpected in the file: {unexpected}.")
+  merged = dict(flat_init)
+  for name in sorted(wanted):
+    value, target = flat_loaded[name], flat_init[name]
+    if name == "img/pos_embedding" and value.shape != target.shape:
+      value = vit.resample_posemb(value, target.shape[1])
+    if value.shape != tuple(target.shape):
+      raise npz.CheckpointError(f"{path}: param {name!r} has shape {value.shape} in the file "
+                                f"but {tuple(target.shape)} in the model.")
+    merged[name] = np.asarray(value).astype(target.dtype)
+  return npz.unflatten(merged)
+
+
+def param_shapes(model_cfg, batch_size=1, text_len=8):
+  """jax.ShapeDtypeStruct tree of the params, computed without allocating them."""
+  model = Model(**model_cfg)
+  res = model_cfg["img"].get("image_size", 224)
+  image = jax.ShapeDtypeStruct((batch_size, res, res, 3), jnp.float32)
+  text = jax.ShapeDtypeStruct((batch_size, text_len), jnp.int32)
+  init = lambda image, text: model.init(jax.random.PRNGKey(0), image, text, text)["params"]
+  return jax.eval_shape(init, image, text)

@@ -137,3 +137,18 @@ class Model(nn.Module):
     kernel_init = nn.initializers.zeros if self.head_zeroinit else nn.initializers.lecun_normal()
     x = nn.Dense(self.num_classes, kernel_init=kernel_init, name="head", dtype=self.dtype)(x)
     return x, out  # [B, N, D]
+
+
+def resample_posemb(posemb, num_tokens):
+  """Resamples a learned posemb [1, g*g, C] to [1, num_tokens, C] on a square grid with
+  linear interpolation (scipy.ndimage.zoom, order=1), as big_vision does."""
+  import scipy.ndimage  # Only needed when a checkpoint's grid differs.
+  _, n, c = posemb.shape
+  old, new = int(round(np.sqrt(n))), int(round(np.sqrt(num_tokens)))
+  if old * old != n or new * new != num_tokens:
+    raise ValueError(f"posemb resampling needs square grids, got {n} -> {num_tokens} tokens.")
+  if old == new:
+    return posemb
+  grid = np.asarray(posemb, np.float32).reshape(old, old, c)
+  grid = scipy.ndimage.zoom(grid, (new / old, new / old, 1), order=1)
+  return grid.reshape(1, new * new, c).astype(posemb.dtype)
