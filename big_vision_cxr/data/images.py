@@ -36,6 +36,7 @@ class Skips:
   def __init__(self, source):
     self.source = source
     self.items = []  # (path, reason)
+    self.absent = []  # listed by the source but not present (partial copies)
 
   def add(self, path, reason):
     self.items.append((str(path), str(reason)))
@@ -45,7 +46,8 @@ class Skips:
     return len(self.items)
 
   def summary(self):
-    return {"count": len(self.items), "items": [dict(path=p, reason=r) for p, r in self.items]}
+    return {"count": len(self.items), "items": [dict(path=p, reason=r) for p, r in self.items],
+            "absent_count": len(self.absent), "absent_examples": self.absent[:5]}
 
 
 def safe_path(root, relative, *, max_bytes=MAX_BYTES, must_exist=True):

@@ -1,0 +1,179 @@
+"""Generic CSV / JSONL manifest reader, for hospital data (format in docs/DATA.md).
+
+One row per image. Canonical fields (rename with `columns={field: column}`):
+  image       path relative to the manifest's folder (or `root`); required
+  patient_id  required (splits are by patient)
+  label       'tb' | 'normal' | 'sick_non_tb' after `label_map`; required
+  image_id    optional, default: the image path without its suffix
+  split       optional 'train' | 'val' | 'test' (honoured; see splits.py)
+  report      optional free text
+  boxes       optional JSON list of {"label", "bbox": [y_min, x_min, y_max, x_max],
+              optional "lung", "zone", "kind"}; `box_units` 'pixels' (edges, in the
+              image file's pixels) or 'normalized'
+  masks       optional JSON list of {"label", "path"}: binary mask images the size
+              of the image; every 8-connected component is one object (its box is
+              the component's extent). Masks win over boxes when both are given.
+  qa          optional JSON list of {"question", "answer", "type": closed|open}
+In CSV the JSON fields are JSON strings; in JSONL they may be JSON values.
+Bad rows raise `ManifestError` naming file, line and field, or with
+on_error='skip' are logged and counted in `skips`.
+
+`NIH_CXR14` maps /work/shared/data/nih_cxr14_nofinding_pa/manifest.csv:
+    manifest.read(path, **manifest.NIH_CXR14)
+"""
+import csv
+import json
+import pathlib
+
+import numpy as np
+from scipy import ndimage
+
+from big_vision_cxr.data import images, records
+
+FIELDS = ("image", "patient_id", "label", "image_id", "split", "report", "boxes", "masks", "qa")
+REQUIRED = ("image", "patient_id", "label")
+NIH_CXR14 = dict(columns={"label": "finding_labels"}, label_map={"No Finding": "normal"},
+                 source="nih_cxr14")
+MAX_MANIFEST_BYTES = 512 << 20
+MAX_FIELD_CHARS = 1 << 20
+
+
+class ManifestError(ValueError):
+  """A manifest or one of its rows is malformed; the message names file, line and field."""
+
+
+def _rows(path):
+  """(line_number, dict) per row of a CSV or JSONL file."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise ManifestError(f"manifest not found: {path}")
+  if path.stat().st_size > MAX_MANIFEST_BYTES:
+    raise ManifestError(f"{path}: over {MAX_MANIFEST_BYTES} bytes")
+  if path.suffix.lower() in (".jsonl", ".json"):
+    with open(path, encoding="utf-8") as f:
+      for i, line in enumerate(f, 1):
+        if line.strip():
+          try:
+            row = json.loads(line)
+          except json.JSONDecodeError as e:
+            yield i, ManifestError(f"{path}:{i}: invalid JSON ({e})")
+            continue
+          yield i, row if isinstance(row, dict) else ManifestError(f"{path}:{i}: not a JSON object")
+  elif path.suffix.lower() in (".csv", ".tsv"):
+    with open(path, encoding="utf-8", newline="") as f:
+      reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+      for i, row in enumerate(reader, 2):
+        yield i, row
+  else:
+    raise ManifestError(f"{path}: manifest must be .csv, .tsv or .jsonl")
+
+
+def _json_field(value, where):
+  if value is None or value == "":
+    return []
+  if isinstance(value, str):
+    if len(value) > MAX_FIELD_CHARS:
+      raise ManifestError(f"{where}: over {MAX_FIELD_CHARS} characters")
+    try:
+      value = json.loads(value)
+    except json.JSONDecodeError as e:
+      raise ManifestError(f"{where}: invalid JSON ({e})") from e
+  if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+    raise ManifestError(f"{where}: must be a JSON list of objects")
+  return value
+
+
+def _class(name, where):
+  if name not in records.CLASS_NAMES:
+    raise ManifestError(f"{where}: class {name!r} not in {records.CLASS_NAMES}")
+  return name
+
+
+def objects_from_masks(mask_specs, root, shape, where):
+  """One object per 8-connected component of each class mask."""
+  masks, labels = [], []
+  for k, spec in enumerate(mask_specs):
+    name = _class(spec.get("label"), f"{where}.masks[{k}].label")
+    m = images.read_image(spec.get("path", ""), root=root)
+    if m.shape != shape:
+      raise ManifestError(f"{where}.masks[{k}]: mask {spec.get('path')} is {m.shape}, image is {shape}")
+    comps, n = ndimage.label(m > 0, structure=np.ones((3, 3)))
+    for c in range(1, n + 1):
+      masks.append((comps == c).astype(np.uint8))
+      labels.append(name)
+  mask = np.stack(masks) if masks else np.zeros((0, *shape), np.uint8)
+  n = len(labels)
+  return records.Objects(records.boxes_from_masks(mask), labels, mask, [None] * n, [None] * n, [None] * n)
+
+
+def objects_from_boxes(box_specs, shape, units, where):
+  h, w = shape
+  boxes, labels, attrs = [], [], {"lung": [], "zone": [], "kind": []}
+  for k, spec in enumerate(box_specs):
+    name = _class(spec.get("label"), f"{where}.boxes[{k}].label")
+    try:
+      box = np.asarray(spec["bbox"], np.float64).reshape(4)
+    except (KeyError, ValueError, TypeError) as e:
+      raise ManifestError(f"{where}.boxes[{k}].bbox: need 4 numbers y_min, x_min, y_max, x_max ({e})") from e
+    if units == "pixels":
+      box = box / [h, w, h, w]
+    if not np.all(np.isfinite(box)) or box.min() < 0 or box.max() > 1 or box[2] <= box[0] or box[3] <= box[1]:
+      raise ManifestError(f"{where}.boxes[{k}].bbox: {spec['bbox']} is empty or outside the {w}x{h} image")
+    boxes.append(box)
+    labels.append(name)
+    for key in attrs:
+      attrs[key].append(spec.get(key))
+  return records.Objects(np.asarray(boxes, np.float32).reshape(-1, 4), labels, None, **attrs)
+
+
+def read(path, *, root=None, columns=None, label_map=None, box_units="pixels", source="manifest",
+         skips=None, on_error="skip", load_images=True):
+  """(records, skips) for every row of the manifest at `path`."""
+  path = pathlib.Path(path)
+  root = pathlib.Path(root) if root is not None else path.parent
+  columns = {**{f: f for f in FIELDS}, **(columns or {})}
+  unknown = set(columns) - set(FIELDS)
+  if unknown:
+    raise ManifestError(f"columns maps unknown fields {sorted(unknown)}; fields: {FIELDS}")
+  if box_units not in ("pixels", "normalized"):
+    raise ManifestError(f"box_units must be 'pixels' or 'normalized', got {box_units!r}")
+  label_map = label_map or {}
+  skips = skips if skips is not None else images.Skips(source)
+  out = []
+  for line, row in _rows(path):
+    where = f"{path}:{line}"
+    try:
+      if isinstance(row, ManifestError):
+        raise row
+      get = lambda f: row.get(columns[f])
+      for f in REQUIRED:
+        if get(f) in (None, ""):
+          raise ManifestError(f"{where}: field {f!r} (column {columns[f]!r}) is empty or missing")
+      rel = str(get("image"))
+      raw_label = str(get("label"))
+      label = label_map.get(raw_label, raw_label)
+      if label not in records.LABELS:
+        raise ManifestError(f"{where}: label {raw_label!r} is not one of {records.LABELS} "
+                            f"(map it with label_map)")
+      image = images.read_image(rel, root=root) if load_images else np.zeros((1, 1), np.uint8)
+      mask_specs = _json_field(get("masks"), f"{where}: masks")
+      box_specs = _json_field(get("boxes"), f"{where}: boxes")
+      if mask_specs and load_images:
+        objs = objects_from_masks(mask_specs, root, image.shape, where)
+      elif box_specs:
+        objs = objects_from_boxes(box_specs, image.shape, box_units, where)
+      else:
+        objs = records.Objects.empty(*image.shape) if load_images else records.Objects.empty()
+      qa = [dict(question=str(q.get("question", "")), answer=str(q.get("answer", "")),
+                 type=str(q.get("type", ""))) for q in _json_field(get("qa"), f"{where}: qa")]
+      split = get("split") or None
+      out.append(records.validate(records.SourceRecord(
+          image_id=str(get("image_id") or pathlib.PurePosixPath(rel).with_suffix("")),
+          patient_id=str(get("patient_id")), source=source, image=image, label=label,
+          objects=objs, report=get("report") or None, qa=qa, split=split,
+          meta=dict(path=rel, line=line))))
+    except (ManifestError, images.ImageError, images.DataPathError, records.RecordError) as e:
+      if on_error == "raise":
+        raise
+      skips.add(where, e)
+  return out, skips

@@ -1,0 +1,146 @@
+"""TBX11K reader (the release layout: imgs/, annotations/xml/, lists/).
+
+    records = tbx11k.read("/data/TBX11K", splits=("train", "val"))
+
+- Splits come from the official lists `{lists}_train.txt` / `{lists}_val.txt`
+  (`lists='TBX11K'` or `'all'`); entries are `tb/tb0005.png`, `health/...`,
+  `sick/...`. Folders: tb -> 'tb', health -> 'normal', sick -> 'sick_non_tb'
+  (`categories` picks which; the `extra` datasets are not read).
+- Classes: ActiveTuberculosis -> 'active tb', ObsoletePulmonaryTuberculosis ->
+  'latent tb', PulmonaryTuberculosis -> 'uncertain tb'.
+- Boxes: the XML `<size>` is the ORIGINAL radiograph size and the coordinates
+  are in that pixel space, while the released PNGs are 512x512. We normalise by
+  the XML size (x / width, y / height): continuous pixel-edge coordinates, the
+  same as scaling to 512 without the authors' `-1` shift (their
+  `make_json_anno.py` subtracts 1 after scaling; at 512 px that moves a box by
+  0.2% of the image, below the loc-token bin of 1/1023). Boxes up to 1% past an
+  edge are clipped (annotation rounding); a box further outside, or empty,
+  skips the image with a logged, counted reason naming the XML file.
+- TBX11K has no patient ids: each image is its own patient (image stem).
+- Listed images absent from `root` (partial copies) are counted in
+  `skips.absent`, not logged one by one.
+"""
+import logging
+import pathlib
+import xml.etree.ElementTree as ET
+
+import numpy as np
+
+from big_vision_cxr.data import images, records
+
+SOURCE = "tbx11k"
+CLASS_MAP = {
+    "ActiveTuberculosis": "active tb",
+    "ObsoletePulmonaryTuberculosis": "latent tb",
+    "PulmonaryTuberculosis": "uncertain tb",
+}
+FOLDER_LABELS = {"tb": "tb", "health": "normal", "sick": "sick_non_tb"}
+EDGE_TOLERANCE = 0.01
+MAX_XML_BYTES = 1 << 20
+
+
+class TBX11KError(ValueError):
+  """The TBX11K folder or one of its files is malformed; the message names it."""
+
+
+def find_root(path):
+  """Accepts the TBX11K folder itself or a folder holding `TBX11K/`."""
+  path = pathlib.Path(path)
+  for cand in (path, path / "TBX11K"):
+    if (cand / "lists").is_dir() and (cand / "imgs").is_dir():
+      return cand
+  raise TBX11KError(f"{path} is not a TBX11K release folder (needs lists/ and imgs/)")
+
+
+def read_list(root, lists, split):
+  path = root / "lists" / f"{lists}_{split}.txt"
+  if not path.is_file():
+    raise TBX11KError(f"split list not found: {path}")
+  return [l.strip() for l in path.read_text().splitlines() if l.strip()]
+
+
+def parse_xml(path):
+  """(width, height, [(class_name, difficult, xmin, ymin, xmax, ymax)]) from a VOC XML."""
+  path = images.safe_path(path.parent, path.name, max_bytes=MAX_XML_BYTES)
+  try:
+    tree = ET.parse(path)
+  except ET.ParseError as e:
+    raise TBX11KError(f"{path}: malformed XML: {e}") from e
+  root = tree.getroot()
+  try:
+    width = float(root.findtext("size/width"))
+    height = float(root.findtext("size/height"))
+    objs = []
+    for obj in root.iter("object"):
+      box = obj.find("bndbox")
+      objs.append((obj.findtext("name").strip(), int(obj.findtext("difficult") or 0),
+                   *(float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))))
+  except (TypeError, ValueError, AttributeError) as e:
+    raise TBX11KError(f"{path}: missing or non-numeric size/bndbox field ({e})") from e
+  if width <= 0 or height <= 0:
+    raise TBX11KError(f"{path}: invalid <size> {width}x{height}")
+  return width, height, objs
+
+
+def objects_from_xml(path):
+  """records.Objects (normalised boxes) and per-object 'difficult' flags from one XML."""
+  width, height, objs = parse_xml(path)
+  boxes, labels, difficult = [], [], []
+  for name, diff, x0, y0, x1, y1 in objs:
+    if name not in CLASS_MAP:
+      raise TBX11KError(f"{path}: unknown class {name!r}; known: {sorted(CLASS_MAP)}")
+    box = np.array([y0 / height, x0 / width, y1 / height, x1 / width])
+    if box.min() < -EDGE_TOLERANCE or box.max() > 1 + EDGE_TOLERANCE:
+      raise TBX11KError(f"{path}: box {name} ({x0}, {y0}, {x1}, {y1}) lies outside the "
+                        f"{width:g}x{height:g} image")
+    box = np.clip(box, 0, 1)
+    if box[2] <= box[0] or box[3] <= box[1]:
+      raise TBX11KError(f"{path}: empty box {name} ({x0}, {y0}, {x1}, {y1})")
+    boxes.append(box)
+    labels.append(CLASS_MAP[name])
+    difficult.append(diff)
+  bbox = np.asarray(boxes, np.float32).reshape(-1, 4)
+  n = len(labels)
+  return records.Objects(bbox, labels, None, [None] * n, [None] * n, [None] * n), difficult
+
+
+def read(path, *, splits=("train", "val"), lists="TBX11K", categories=("tb", "health", "sick"),
+         skips=None, on_error="skip", load_images=True):
+  """One SourceRecord per listed image present under the TBX11K folder `path`."""
+  root = find_root(path)
+  skips = skips if skips is not None else images.Skips(SOURCE)
+  out, absent = [], []
+  for split in splits:
+    for entry in read_list(root, lists, split):
+      folder = entry.split("/")[0]
+      if folder not in categories or folder not in FOLDER_LABELS:
+        continue
+      rel = f"imgs/{entry}"
+      stem = pathlib.Path(entry).stem
+      try:
+        img_path = images.safe_path(root, rel, must_exist=False)
+        if not img_path.is_file():
+          absent.append(rel)
+          continue
+        label = FOLDER_LABELS[folder]
+        if label == "tb":
+          xml = root / "annotations" / "xml" / f"{stem}.xml"
+          if not xml.is_file():
+            raise TBX11KError(f"{xml}: annotation missing for TB image {rel}")
+          objs, difficult = objects_from_xml(xml)
+          if not len(objs):
+            raise TBX11KError(f"{xml}: TB image without boxes")
+        else:
+          objs, difficult = records.Objects.empty(), []
+        image = images.read_image(rel, root=root) if load_images else np.zeros((1, 1), np.uint8)
+        out.append(records.validate(records.SourceRecord(
+            image_id=stem, patient_id=stem, source=SOURCE, image=image, label=label,
+            objects=objs, split=split, meta=dict(path=rel, difficult=difficult))))
+      except (TBX11KError, images.ImageError, images.DataPathError, records.RecordError) as e:
+        if on_error == "raise":
+          raise
+        skips.add(rel, e)
+  if absent:
+    skips.absent += absent
+    logging.info("%s: %d listed images are absent from %s", SOURCE, len(absent), root)
+  return out, skips

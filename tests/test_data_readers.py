@@ -1,0 +1,146 @@
+"""Source readers: real TBX11K boxes vs boxes.csv, NIH through the manifest, bad input, splits."""
+import collections
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from big_vision_cxr.data import images, manifest, phantom, records, splits, tbx11k
+
+
+def test_tbx11k_boxes_match_boxes_csv_and_xml(tbx11k_dir):
+  recs, skips = tbx11k.read(tbx11k_dir, load_images=False)
+  assert len(recs) == 250 and len(skips) == 0
+  assert collections.Counter(r.split for r in recs) == {"train": 150, "val": 100}
+  assert len(skips.absent) == 8400 - 250  # listed in TBX11K_{train,val} but not staged
+  by_id = {r.image_id: r for r in recs}
+  rows = list(csv.DictReader(open(tbx11k_dir / "boxes.csv")))
+  assert sum(len(r.objects) for r in recs) == len(rows) == 390
+  per_image = collections.Counter(row["image"].split("/")[-1][:-4] for row in rows)
+  for row in rows:
+    rec = by_id[row["image"].split("/")[-1][:-4]]
+    assert rec.split == row["split"]
+    assert len(rec.objects) == per_image[rec.image_id]  # counts equal to the XML
+    want = np.array([float(row[k]) for k in ("ymin_512", "xmin_512", "ymax_512", "xmax_512")])
+    got = rec.objects.bbox * 512
+    assert np.abs(got - want).max(axis=1).min() < 0.01  # within 0.01 px on the 512 PNG
+    name = tbx11k.CLASS_MAP[row["label"]]
+    assert name in rec.objects.label
+  for rec in recs:
+    assert rec.label == "tb" and rec.objects.bbox.min() >= 0 and rec.objects.bbox.max() <= 1
+  official = {l.strip().split("/")[1][:-4] for l in open(tbx11k_dir / "TBX11K/lists/TBX11K_val.txt")}
+  assert {r.image_id for r in recs if r.split == "val"} <= official
+
+
+def test_tbx11k_images_are_512_grey(tbx11k_dir):
+  recs, _ = tbx11k.read(tbx11k_dir, splits=("val",))
+  assert len(recs) == 100
+  assert all(r.image.shape == (512, 512) and r.image.dtype == np.uint8 for r in recs)
+
+
+def _fake_tbx11k(tmp_path, tbx11k_dir):
+  root = tmp_path / "TBX11K"
+  for d in ("lists", "imgs/tb", "imgs/health", "annotations/xml"):
+    (root / d).mkdir(parents=True)
+  src = tbx11k_dir / "TBX11K"
+  good = ["tb0003", "tb0009"]
+  for stem in good:
+    shutil.copy(src / f"imgs/tb/{stem}.png", root / f"imgs/tb/{stem}.png")
+    shutil.copy(src / f"annotations/xml/{stem}.xml", root / f"annotations/xml/{stem}.xml")
+  shutil.copy(src / "imgs/tb/tb0015.png", root / "imgs/tb/outside.png")
+  (root / "annotations/xml/outside.xml").write_text(
+      "<annotation><size><width>100</width><height>100</height></size><object>"
+      "<name>ActiveTuberculosis</name><difficult>0</difficult><bndbox><xmin>10</xmin>"
+      "<ymin>10</ymin><xmax>150</xmax><ymax>50</ymax></bndbox></object></annotation>")
+  (root / "imgs/tb/corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+  shutil.copy(src / "annotations/xml/tb0003.xml", root / "annotations/xml/corrupt.xml")
+  shutil.copy(src / "imgs/tb/tb0015.png", root / "imgs/tb/noxml.png")
+  Image.fromarray(np.full((64, 64), 90, np.uint8)).save(root / "imgs/health/h1.png")
+  names = ["tb/tb0003.png", "tb/tb0009.png", "tb/outside.png", "tb/corrupt.png", "tb/noxml.png",
+           "health/h1.png", "tb/absent.png"]
+  (root / "lists/TBX11K_train.txt").write_text("\n".join(names) + "\n")
+  (root / "lists/TBX11K_val.txt").write_text("")
+  return tmp_path
+
+
+def test_tbx11k_bad_input_is_skipped_and_named(tmp_path, tbx11k_dir):
+  root = _fake_tbx11k(tmp_path, tbx11k_dir)
+  recs, skips = tbx11k.read(root)
+  assert sorted(r.image_id for r in recs) == ["h1", "tb0003", "tb0009"]
+  assert [r.label for r in sorted(recs, key=lambda r: r.image_id)] == ["normal", "tb", "tb"]
+  reasons = dict(skips.items)
+  assert len(skips) == 3 and skips.absent == ["imgs/tb/absent.png"]
+  assert "outside.xml" in reasons["imgs/tb/outside.png"] and "outside" in reasons["imgs/tb/outside.png"]
+  assert "corrupt.png" in reasons["imgs/tb/corrupt.png"]
+  assert "annotation missing" in reasons["imgs/tb/noxml.png"]
+  with pytest.raises(tbx11k.TBX11KError, match="outside.xml"):
+    tbx11k.read(root, on_error="raise")
+
+
+def test_nih_normals_through_the_manifest(nih_dir):
+  recs, skips = manifest.read(nih_dir / "manifest.csv", **manifest.NIH_CXR14, load_images=False)
+  assert len(recs) == 117 and len(skips) == 0
+  assert {r.label for r in recs} == {"normal"} and len({r.patient_id for r in recs}) == 117
+  few, _ = manifest.read(nih_dir / "manifest.csv", **manifest.NIH_CXR14)
+  assert few[0].image.shape == (1024, 1024) and few[0].source == "nih_cxr14"
+
+
+def test_manifest_masks_boxes_qa_and_bad_rows(tmp_path):
+  img = np.zeros((40, 50), np.uint8)
+  Image.fromarray(img).save(tmp_path / "a.png")
+  m = np.zeros((40, 50), np.uint8)
+  m[2:6, 3:9] = 255
+  m[20:30, 30:40] = 255  # two components -> two objects
+  Image.fromarray(m).save(tmp_path / "a_mask.png")
+  rows = [
+      dict(image="a.png", patient_id="p1", label="tb", masks=[{"label": "active tb", "path": "a_mask.png"}],
+           qa=[{"question": "is there a cavity?", "answer": "No", "type": "closed"}], report="Old TB."),
+      dict(image="a.png", patient_id="p2", label="tb", image_id="a2",
+           boxes=[{"label": "latent tb", "bbox": [4, 5, 20, 25], "lung": "left"}]),
+      dict(image="missing.png", patient_id="p3", label="normal"),
+      dict(image="../../etc/passwd", patient_id="p4", label="normal"),
+      dict(image="a.png", patient_id="p5", label="pneumonia"),
+      dict(image="a.png", patient_id="p6", label="tb", boxes=[{"label": "active tb", "bbox": [0, 0, 60, 10]}]),
+  ]
+  path = tmp_path / "m.jsonl"
+  path.write_text("\n".join(json.dumps(r) for r in rows) + "\n{broken\n")
+  recs, skips = manifest.read(path)
+  assert [r.patient_id for r in recs] == ["p1", "p2"]
+  a, b = recs
+  assert len(a.objects) == 2 and a.objects.mask.shape == (2, 40, 50)
+  np.testing.assert_allclose(a.objects.bbox[0], [2 / 40, 3 / 50, 6 / 40, 9 / 50])
+  assert a.qa == [dict(question="is there a cavity?", answer="No", type="closed")] and a.report == "Old TB."
+  np.testing.assert_allclose(b.objects.bbox[0], [4 / 40, 5 / 50, 20 / 40, 25 / 50], rtol=1e-6)
+  assert b.objects.lung == ["left"] and b.image_id == "a2"
+  reasons = [r for _, r in skips.items]
+  assert len(skips) == 5
+  assert "not found" in reasons[0] and "missing.png" in reasons[0]
+  assert "escapes the dataset root" in reasons[1]
+  assert "'pneumonia'" in reasons[2]
+  assert "outside the 50x40 image" in reasons[3]
+  assert "invalid JSON" in reasons[4] and ":7" in skips.items[4][0]
+  with pytest.raises(images.DataPathError, match="missing.png"):
+    manifest.read(path, on_error="raise")
+
+
+def test_patient_splits_deterministic_disjoint_and_conflicts():
+  recs = phantom.dataset(60, size=32)
+  a = splits.apply(phantom.dataset(60, size=32), seed=5)
+  b = splits.apply(list(reversed(recs)), seed=5)
+  assert {r.image_id: r.split for r in a} == {r.image_id: r.split for r in b}
+  splits.check_disjoint(a)
+  by_patient = collections.defaultdict(set)
+  for r in a:
+    by_patient[r.patient_id].add(r.split)
+  assert all(len(s) == 1 for s in by_patient.values())
+  counts = collections.Counter(splits.assign(f"p{i}", 0) for i in range(20000))
+  for split, frac in zip(splits.SPLITS, splits.DEFAULT_FRACTIONS):
+    assert abs(counts[split] / 20000 - frac) < 0.015
+  bad = phantom.dataset(2, size=32)
+  bad[1].patient_id = bad[0].patient_id
+  bad[0].split, bad[1].split = "train", "val"
+  with pytest.raises(splits.SplitError, match=bad[0].patient_id):
+    splits.apply(bad)
