@@ -52,7 +52,7 @@ def _variants():
       img=small_vit,
       llm=dict(vocab_size=2304, width=32, depth=2, mlp_dim=48, num_heads=4, num_kv_heads=2,
                head_dim=12, post_norms=True, attn_logits_softcap=50.0,
-               final_logits_softcap=30.0))
+               final_logits_softcap=30.0, query_pre_attn_norm="rsqrt_head_dim"))
   variants["demo"] = dict(  # What `:demo` trains on CPU; vocab = 1000 base + 1024 loc + 128 seg.
       img=dict(image_size=64, patch_size=8, width=96, depth=2, mlp_dim=384, num_heads=4),
       llm=dict(vocab_size=1000 + 1024 + 128, width=128, depth=3, mlp_dim=512, num_heads=4,

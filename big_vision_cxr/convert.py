@@ -1,0 +1,70 @@
+"""Checkpoint conversion between HF transformers and big_vision .npz.
+
+  python -m big_vision_cxr.convert hf2bv --hf_dir DIR --out model.npz
+  python -m big_vision_cxr.convert bv2hf --npz model.npz --variant pg1_3b_224 --out_dir DIR
+
+`bv2hf` writes config.json + model.safetensors loadable by
+`PaliGemmaForConditionalGeneration.from_pretrained(DIR)`. Only safetensors are read.
+"""
+import argparse
+import sys
+
+import ml_dtypes
+
+from big_vision_cxr import hf_interop
+from big_vision_cxr import npz
+from big_vision_cxr.models import paligemma
+
+
+def hf2bv(hf_dir, out, bf16=False):
+  """Reads a save_pretrained directory, writes our .npz; returns our model config."""
+  params = hf_interop.params_from_hf(hf_dir)
+  config = hf_interop.config_from_hf(hf_interop.read_hf_dir(hf_dir)[1])
+  if bf16:
+    params = {k: v.astype(ml_dtypes.bfloat16) for k, v in npz.flatten(params).items()}
+    params = npz.unflatten(params)
+  npz.save_npz(params, out)
+  return config
+
+
+def bv2hf(npz_path, variant, out_dir, bf16=False, vocab_pad_multiple=64):
+  """Loads our .npz for `variant` (checked against its shapes), writes an HF directory."""
+  config = paligemma.get_config(variant)
+  params = paligemma.load(paligemma.param_shapes(config), npz_path, config)
+  return hf_interop.save_hf(params, config, out_dir, vocab_pad_multiple,
+                            dtype=ml_dtypes.bfloat16 if bf16 else None)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(prog="python -m big_vision_cxr.convert", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True)
+  a = sub.add_parser("hf2bv", help="HF save_pretrained directory -> big_vision .npz")
+  a.add_argument("--hf_dir", required=True)
+  a.add_argument("--out", required=True, help="output .npz path")
+  a.add_argument("--bf16", action="store_true", help="store bfloat16 (as 'V2') instead of f32")
+  b = sub.add_parser("bv2hf", help="big_vision .npz -> HF directory")
+  b.add_argument("--npz", required=True, help="model.npz (keys with or without 'params/')")
+  b.add_argument("--variant", required=True, help=f"one of {', '.join(paligemma.VARIANTS)}")
+  b.add_argument("--out_dir", required=True)
+  b.add_argument("--bf16", action="store_true", help="write bfloat16 safetensors")
+  b.add_argument("--vocab_pad_multiple", type=int, default=64,
+                 help="pad the HF embedding (with room for <image>) to this multiple; 0: none")
+  args = parser.parse_args(argv)
+  try:
+    if args.command == "hf2bv":
+      if not args.out.endswith(".npz"):
+        parser.error(f"--out must end in .npz, got {args.out!r}")
+      config = hf2bv(args.hf_dir, args.out, args.bf16)
+      print(f"wrote {args.out} (img {dict(config.img)}, llm {dict(config.llm)})")
+    else:
+      bv2hf(args.npz, args.variant, args.out_dir, args.bf16, args.vocab_pad_multiple)
+      print(f"wrote {args.out_dir}/config.json and model.safetensors")
+  except (npz.CheckpointError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
