@@ -94,9 +94,11 @@ def _grey(arr, path):
   raise ImageError(f"{path}: unsupported pixel layout {arr.shape}")
 
 
-def _read_pil(path):
+def read_pil(source, name=None):
+  """PIL-readable file or file object -> uint8 [H, W]; errors name `name` or the file."""
+  path = name or source
   try:
-    with Image.open(path) as im:
+    with Image.open(source) as im:
       if im.width * im.height > MAX_PIXELS:
         raise ImageError(f"{path}: {im.width}x{im.height} is over {MAX_PIXELS} pixels")
       if getattr(im, "n_frames", 1) > 1:
@@ -189,7 +191,7 @@ def read_image(path, *, root=None, max_bytes=MAX_BYTES):
       raise DataPathError(f"file not found: {path}")
     if os.path.getsize(path) > max_bytes:
       raise DataPathError(f"file {path} is over the limit of {max_bytes} bytes")
-  image = _read_dicom(path) if is_dicom(path) else _read_pil(path)
+  image = _read_dicom(path) if is_dicom(path) else read_pil(path)
   if image.ndim != 2 or min(image.shape) < 1:
     raise ImageError(f"{path}: empty image {image.shape}")
   return np.ascontiguousarray(image)

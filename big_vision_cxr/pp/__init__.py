@@ -1,0 +1,1 @@
+"""Preprocessing ops (registered in registry.PP_OPS) and the pp-string builder."""
