@@ -44,9 +44,9 @@ def parse(pp_string):
 
 
 def get_ops(pp_string, **context):
-  """The list of op functions of `pp_string`."""
+  """The list of op functions of `pp_string` (or of an already parsed op list)."""
   fns = []
-  for name, args, kwargs in parse(pp_string):
+  for name, args, kwargs in parse(pp_string) if isinstance(pp_string, str) else pp_string:
     try:
       factory = PP_OPS.get(name)
     except KeyError as e:
@@ -61,7 +61,7 @@ def get_ops(pp_string, **context):
 
 
 def get_preprocess_fn(pp_string, **context):
-  """One function applying every op of `pp_string` in order."""
+  """One function applying every op of `pp_string` (or a parsed op list) in order."""
   fns = get_ops(pp_string, **context)
 
   def _pp(data):

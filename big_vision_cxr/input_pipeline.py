@@ -1,0 +1,328 @@
+"""Task/dataset mixture, per-host sharding and a resumable iterator (numpy).
+
+    it = input_pipeline.training(config.input, batch_size=8, seed=0, tokenizer=tok)
+    batch = next(it)        # image [B,H,W,3] f32, text/mask_ar/mask_loss [B,L] i32, task_id [B]
+    state = it.get_state()  # JSON-serialisable; it.set_state(state) resumes exactly
+
+Design (the config shape is in docs/DATA.md):
+- Every dataset in `config.datasets` is read into source records, split by
+  patient (`data/splits.py`), and the requested split is curated into the tasks'
+  examples (`data/curation.py`). Examples are grouped into mixture units: one
+  per task (`mix_by='task'`, the paper's p_t ∝ 1/N_t) or one per (dataset,
+  task) (`mix_by='dataset_task'`).
+- Unit weights: 'inverse_size' (∝ 1/N), 'proportional' (∝ N), 'uniform', or a
+  dict {unit: weight}; normalised to probabilities.
+- Global example g draws its unit from a counter-based RNG (splitmix64 of
+  (seed, g)); inside a unit, examples follow a permutation per epoch seeded by
+  (seed, unit name, epoch). Every process draws the whole global batch
+  (batch_size * P examples) and keeps those with g % P == p, so all hosts walk
+  the same global sequence and share one state:
+  {'next_example': g, 'unit_counts': {unit: examples drawn}}.
+- Images go through `pp_image` once and are cached in memory (uint8, grey
+  stored once); a trailing `value_range` is applied per batch. Text goes
+  through `tokenize_train(text_len)` (`tokenize_eval` for evaluation).
+"""
+import collections
+import hashlib
+import json
+import logging
+
+import numpy as np
+
+from big_vision_cxr.data import curation, images, manifest, phantom, prompts, splits, tbx11k
+from big_vision_cxr.pp import builder, ops_image
+
+TASK_IDS = {t: i for i, t in enumerate(prompts.TASKS)}
+DEFAULTS = dict(
+    split="train", split_seed=0, split_fractions=splits.DEFAULT_FRACTIONS, tasks=prompts.TASKS,
+    mix_by="task", weights="inverse_size", class_names=None,
+    pp_image="decode|resize(224)|value_range(-1, 1)", text_len=64, seg_from_boxes=False,
+    seg_codec=None, cache_images=True)
+_M64 = (1 << 64) - 1
+_RECORDS = {}
+
+
+class InputError(ValueError):
+  """The input config is invalid or yields no examples; the message says which field."""
+
+
+def _plain(cfg):
+  return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+
+
+def _get(config, key):
+  config = _plain(config)
+  return config[key] if key in config else DEFAULTS[key]
+
+
+def _mix64(x):
+  x = (x + 0x9E3779B97F4A7C15) & _M64
+  x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+  x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+  return x ^ (x >> 31)
+
+
+def uniform(seed, index):
+  """Counter-based uniform in [0, 1) for (seed, index)."""
+  return _mix64(_mix64(seed & _M64) ^ index) / 2.0 ** 64
+
+
+def _name_hash(name):
+  return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big")
+
+
+def load_records(name, cfg):
+  """(records, skips) of one dataset config; cached per (name, config)."""
+  cfg = _plain(cfg)
+  key = (name, json.dumps(cfg, sort_keys=True, default=str))
+  if key in _RECORDS:
+    return _RECORDS[key]
+  source = cfg.get("source")
+  if source == "phantom":
+    recs = phantom.dataset(cfg.get("n", 500), seed=cfg.get("seed", 0), size=cfg.get("size", 256),
+                           difficulty=cfg.get("difficulty", 0.3))
+    out = (recs, images.Skips(name))
+  elif source == "tbx11k":
+    out = tbx11k.read(cfg["path"], splits=tuple(cfg.get("splits", ("train", "val"))),
+                      lists=cfg.get("lists", "TBX11K"),
+                      categories=tuple(cfg.get("categories", ("tb", "health", "sick"))),
+                      skips=images.Skips(name))
+  elif source == "manifest":
+    kwargs = dict(manifest.NIH_CXR14) if cfg.get("preset") == "nih_cxr14" else {}
+    for k in ("columns", "label_map", "box_units", "root", "source"):
+      if k in cfg:
+        kwargs[k] = cfg[k]
+    kwargs.setdefault("source", name)
+    out = manifest.read(cfg["path"], skips=images.Skips(name), **kwargs)
+  elif source == "tfds":
+    from tfds_builders import cxr_tb  # pylint: disable=import-outside-toplevel
+    out = (cxr_tb.load_records(cfg["name"], data_dir=cfg.get("data_dir"), split=cfg.get("tfds_split")),
+           images.Skips(name))
+  else:
+    raise InputError(f"dataset {name!r}: unknown source {source!r} "
+                     "(phantom | tbx11k | manifest | tfds)")
+  if len(out[1]):
+    logging.warning("dataset %s: %d files skipped: %s", name, len(out[1]), out[1].summary()["items"][:5])
+  _RECORDS[key] = out
+  return out
+
+
+def _class_names(config, all_records):
+  given = _get(config, "class_names")
+  if given:
+    return tuple(sorted(given))
+  names = sorted({l for recs in all_records for r in recs for l in r.objects.label})
+  return tuple(names) or phantom.CLASS_NAMES
+
+
+def _seg_codec(config, seg_codec):
+  tasks = tuple(_get(config, "tasks"))
+  if "segmentation" not in tasks or seg_codec is not None:
+    return seg_codec
+  path = _get(config, "seg_codec")
+  if not path:
+    raise InputError("tasks include 'segmentation' but no seg_codec was given (argument or "
+                     "config.seg_codec = path to a VQ-VAE .npz)")
+  from big_vision_cxr import seg_codec as seg_codec_lib  # pylint: disable=import-outside-toplevel
+  return seg_codec_lib.SegCodec.from_npz(path)
+
+
+def curated_units(config, *, split, seg_codec=None, tasks=None):
+  """OrderedDict {unit name: [curation.Example]} of `split` (see the module doc)."""
+  datasets = _plain(config["datasets"]) if "datasets" in _plain(config) else {}
+  if not datasets:
+    raise InputError("config.datasets is empty: name at least one dataset")
+  tasks = tuple(tasks or _get(config, "tasks"))
+  unknown = set(tasks) - set(prompts.TASKS)
+  if unknown:
+    raise InputError(f"config.tasks has unknown tasks {sorted(unknown)}; known: {prompts.TASKS}")
+  mix_by = _get(config, "mix_by")
+  if mix_by not in ("task", "dataset_task"):
+    raise InputError(f"config.mix_by must be 'task' or 'dataset_task', got {mix_by!r}")
+  loaded = {name: load_records(name, datasets[name])[0] for name in sorted(datasets)}
+  class_names = _class_names(config, loaded.values())
+  fractions = tuple(_get(config, "split_fractions"))
+  units = collections.OrderedDict()
+  if mix_by == "task":
+    for task in tasks:
+      units[task] = []
+  for name, recs in loaded.items():
+    recs = splits.apply(list(recs), seed=_get(config, "split_seed"), fractions=fractions)
+    for rec in recs:
+      if rec.split != split:
+        continue
+      for ex in curation.curate(rec, class_names=class_names, tasks=tasks, seg_codec=seg_codec,
+                                seg_from_boxes=_plain(datasets[name]).get("seg_from_boxes", _get(config, "seg_from_boxes"))):
+        units.setdefault(ex.task if mix_by == "task" else f"{name}/{ex.task}", []).append(ex)
+  return units
+
+
+def mixture_weights(sizes, weights):
+  """{unit: size} and a weights spec -> {unit: probability} (empty units dropped)."""
+  sizes = {u: n for u, n in sizes.items() if n > 0}
+  if not sizes:
+    raise InputError("no examples in any mixture unit (check the datasets, split and tasks)")
+  if isinstance(weights, str):
+    if weights == "inverse_size":
+      raw = {u: 1.0 / n for u, n in sizes.items()}
+    elif weights == "proportional":
+      raw = {u: float(n) for u, n in sizes.items()}
+    elif weights == "uniform":
+      raw = {u: 1.0 for u in sizes}
+    else:
+      raise InputError(f"config.weights {weights!r}: use inverse_size | proportional | uniform | dict")
+  else:
+    weights = _plain(weights)
+    missing = sorted(set(sizes) - set(weights))
+    if missing:
+      raise InputError(f"config.weights has no weight for units {missing} (units: {sorted(sizes)})")
+    raw = {u: float(weights[u]) for u in sizes}
+    if any(w < 0 for w in raw.values()):
+      raise InputError(f"config.weights must be non-negative, got {raw}")
+  total = sum(raw.values())
+  if total <= 0:
+    raise InputError(f"config.weights sum to zero: {raw}")
+  return {u: w / total for u, w in raw.items() if w > 0}
+
+
+class _Processor:
+  """Image pp with an in-memory cache, and text pp; batches examples."""
+
+  def __init__(self, config, tokenizer, train):
+    ops = builder.parse(_get(config, "pp_image"))
+    self.final_range = None
+    if ops and ops[-1][0] == "value_range":
+      self.final_range = ops[-1]
+      ops = ops[:-1]
+    self.image_fn = builder.get_preprocess_fn(ops)
+    text_len = _get(config, "text_len")
+    op = "tokenize_train" if train else "tokenize_eval"
+    self.text_fn = builder.get_preprocess_fn(f"{op}({text_len})", tokenizer=tokenizer)
+    self.cache = {} if _get(config, "cache_images") else None
+
+  def image(self, ex):
+    key = (ex.source, ex.image_id)
+    if self.cache is not None and key in self.cache:
+      return self.cache[key]
+    out = np.asarray(self.image_fn({"image": ex.image})["image"])
+    if out.ndim == 3 and out.strides[-1] == 0:
+      out = np.ascontiguousarray(out[..., :1])  # grey: keep one channel
+    if self.cache is not None:
+      self.cache[key] = out
+    return out
+
+  def images(self, exs):
+    batch = np.stack([self.image(ex) for ex in exs])
+    if batch.ndim == 4 and batch.shape[-1] == 1:
+      batch = np.broadcast_to(batch, (*batch.shape[:3], 3))
+    if self.final_range is not None:
+      _, args, kwargs = self.final_range
+      return ops_image.value_range(batch, *args, **kwargs)
+    return batch
+
+
+class TrainIterator:
+  """Endless per-process batches; `get_state()` / `set_state()` resume exactly."""
+
+  def __init__(self, units, probs, processor, *, batch_size, seed, process_index, process_count):
+    if not 0 <= process_index < process_count:
+      raise InputError(f"process_index {process_index} outside [0, {process_count})")
+    if batch_size < 1:
+      raise InputError(f"batch_size must be >= 1, got {batch_size}")
+    self.names = [u for u in units if u in probs]
+    self.units = {u: units[u] for u in self.names}
+    self.probs = {u: probs[u] for u in self.names}
+    self._cum = np.cumsum([probs[u] for u in self.names])
+    self._cum[-1] = 1.0
+    self.processor = processor
+    self.batch_size, self.seed = batch_size, seed
+    self.process_index, self.process_count = process_index, process_count
+    self._perms = {}
+    self.set_state({"next_example": 0, "unit_counts": {u: 0 for u in self.names}})
+
+  def get_state(self):
+    return {"next_example": self._g, "unit_counts": dict(self._counts)}
+
+  def set_state(self, state):
+    counts = dict(state["unit_counts"])
+    if set(counts) != set(self.names):
+      raise InputError(f"iterator state has units {sorted(counts)}, this mixture has {sorted(self.names)}")
+    self._g, self._counts = int(state["next_example"]), {u: int(counts[u]) for u in self.names}
+
+  def _perm(self, unit, epoch):
+    key = (unit, epoch)
+    if key not in self._perms:
+      self._perms = {k: v for k, v in self._perms.items() if k[0] != unit}
+      rng = np.random.default_rng([self.seed & _M64, _name_hash(unit), epoch])
+      self._perms[key] = rng.permutation(len(self.units[unit]))
+    return self._perms[key]
+
+  def draw(self):
+    """The next global example: (global index, unit, example)."""
+    g = self._g
+    unit = self.names[min(int(np.searchsorted(self._cum, uniform(self.seed, g), side="right")),
+                          len(self.names) - 1)]
+    k = self._counts[unit]
+    epoch, pos = divmod(k, len(self.units[unit]))
+    self._g, self._counts[unit] = g + 1, k + 1
+    return g, unit, self.units[unit][self._perm(unit, epoch)[pos]]
+
+  def next_examples(self):
+    """This process's `batch_size` examples of the next global batch."""
+    drawn = [self.draw() for _ in range(self.batch_size * self.process_count)]
+    return [ex for g, _, ex in drawn if g % self.process_count == self.process_index]
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    exs = self.next_examples()
+    texts = [self.processor.text_fn({"prefix": e.prefix, "suffix": e.suffix}) for e in exs]
+    return {
+        "image": self.processor.images(exs),
+        "text": np.stack([t["text"] for t in texts]),
+        "mask_ar": np.stack([t["mask_ar"] for t in texts]),
+        "mask_loss": np.stack([t["mask_loss"] for t in texts]),
+        "task_id": np.asarray([TASK_IDS[e.task] for e in exs], np.int32),
+    }
+
+
+def training(config, *, batch_size, seed, tokenizer, process_index=0, process_count=1,
+             seg_codec=None):
+  """The training iterator of `config` (an ml_collections ConfigDict or dict)."""
+  seg_codec = _seg_codec(config, seg_codec)
+  units = curated_units(config, split=_get(config, "split"), seg_codec=seg_codec)
+  probs = mixture_weights({u: len(v) for u, v in units.items()}, _get(config, "weights"))
+  logging.info("mixture: %s", {u: (len(units[u]), round(p, 4)) for u, p in probs.items()})
+  return TrainIterator(units, probs, _Processor(config, tokenizer, train=True),
+                       batch_size=batch_size, seed=seed, process_index=process_index,
+                       process_count=process_count)
+
+
+def evaluation(config, *, task, split, batch_size, tokenizer, seg_codec=None, process_index=0,
+               process_count=1):
+  """Yields (batch, ground_truths) over every `task` example of `split`, in order.
+
+  The batch holds 'image', eval-layout 'text', 'mask_ar', 'mask_input' (prefix
+  only) and 'valid' [B] bool: the last batch is padded by repeating its last
+  example; `ground_truths` lists only the valid ones.
+  """
+  if task not in prompts.TASKS:
+    raise InputError(f"unknown task {task!r}; known: {prompts.TASKS}")
+  seg_codec = _seg_codec(dict(_plain(config), tasks=(task,)), seg_codec)
+  units = curated_units(config, split=split, seg_codec=seg_codec, tasks=(task,))
+  exs = [ex for unit in units.values() for ex in unit][process_index::process_count]
+  processor = _Processor(config, tokenizer, train=False)
+  for start in range(0, len(exs), batch_size):
+    chunk = exs[start:start + batch_size]
+    valid = np.arange(batch_size) < len(chunk)
+    chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))
+    texts = [processor.text_fn({"prefix": e.prefix, "suffix": ""}) for e in chunk]
+    batch = {
+        "image": processor.images(chunk),
+        "text": np.stack([t["text"] for t in texts]),
+        "mask_ar": np.stack([t["mask_ar"] for t in texts]),
+        "mask_input": np.stack([t["mask_input"] for t in texts]),
+        "valid": valid,
+    }
+    yield batch, [e.ground_truth() for e, v in zip(chunk, valid) if v]

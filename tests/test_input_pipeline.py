@@ -1,0 +1,152 @@
+"""Input pipeline: mixture rates, weights, exact resume, host sharding, evaluation order."""
+import collections
+import csv
+import json
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from big_vision_cxr import input_pipeline as ip
+from big_vision_cxr.data import prompts
+from big_vision_cxr.pp import ops_text
+
+TASKS = ("diagnosis", "vqa", "report", "detection")
+
+
+@pytest.fixture(scope="module")
+def tok():
+  return ops_text._default_tokenizer()
+
+
+def config(**kw):
+  base = dict(datasets={"ph": dict(source="phantom", n=120, size=48)}, tasks=TASKS,
+              pp_image="decode|resize(32)|value_range(-1, 1)", text_len=40)
+  return {**base, **kw}
+
+
+def test_weight_rules():
+  sizes = {"a": 10, "b": 30, "c": 0}
+  np.testing.assert_allclose(list(ip.mixture_weights(sizes, "inverse_size").values()), [0.75, 0.25])
+  np.testing.assert_allclose(list(ip.mixture_weights(sizes, "proportional").values()), [0.25, 0.75])
+  np.testing.assert_allclose(list(ip.mixture_weights(sizes, "uniform").values()), [0.5, 0.5])
+  np.testing.assert_allclose(list(ip.mixture_weights(sizes, {"a": 3, "b": 1, "c": 5}).values()), [0.75, 0.25])
+  with pytest.raises(ip.InputError, match=r"no weight for units \['b'\]"):
+    ip.mixture_weights(sizes, {"a": 1})
+  with pytest.raises(ip.InputError, match="weights"):
+    ip.mixture_weights(sizes, "bogus")
+
+
+@pytest.mark.parametrize("weights", ["inverse_size", {"diagnosis": 1, "vqa": 2, "report": 3, "detection": 4}])
+def test_tasks_drawn_at_their_rates(tok, weights):
+  it = ip.training(config(weights=weights), batch_size=4, seed=1, tokenizer=tok)
+  sizes = {u: len(v) for u, v in it.units.items()}
+  if weights == "inverse_size":
+    inv = {u: 1 / n for u, n in sizes.items()}
+    want = {u: inv[u] / sum(inv.values()) for u in sizes}
+  else:
+    want = {u: w / 10 for u, w in weights.items()}
+  np.testing.assert_allclose([it.probs[u] for u in sizes], [want[u] for u in sizes])
+  n = 20000
+  counts = collections.Counter(it.draw()[1] for _ in range(n))
+  observed = [counts[u] for u in it.names]
+  expected = [want[u] * n for u in it.names]
+  assert stats.chisquare(observed, expected).pvalue > 1e-4
+  for u in it.names:  # and each within 5 binomial standard deviations
+    sd = np.sqrt(n * want[u] * (1 - want[u]))
+    assert abs(counts[u] - want[u] * n) < 5 * sd
+
+
+def test_each_epoch_of_a_unit_is_a_permutation(tok):
+  it = ip.training(config(weights="uniform"), batch_size=4, seed=2, tokenizer=tok)
+  unit, n = "report", len(it.units["report"])
+  seen = []
+  while len(seen) < 2 * n:
+    _, u, ex = it.draw()
+    if u == unit:
+      seen.append(ex.image_id)
+  first, second = seen[:n], seen[n:]
+  assert sorted(first) == sorted(second) == sorted(e.image_id for e in it.units[unit])
+  assert first != second  # a new permutation each epoch
+
+
+def test_restored_iterator_continues_exactly(tok):
+  a = ip.training(config(), batch_size=6, seed=3, tokenizer=tok)
+  for _ in range(5):
+    next(a)
+  state = json.loads(json.dumps(a.get_state()))
+  want = [next(a) for _ in range(4)]
+  b = ip.training(config(), batch_size=6, seed=3, tokenizer=tok)
+  b.set_state(state)
+  got = [next(b) for _ in range(4)]
+  for x, y in zip(want, got):
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+  with pytest.raises(ip.InputError, match="units"):
+    ip.training(config(tasks=("diagnosis",)), batch_size=2, seed=3, tokenizer=tok).set_state(state)
+
+
+def test_batches_follow_the_contract(tok):
+  batch = next(ip.training(config(), batch_size=8, seed=0, tokenizer=tok))
+  assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.float32
+  assert -1 <= batch["image"].min() and batch["image"].max() <= 1
+  for k in ("text", "mask_ar", "mask_loss"):
+    assert batch[k].shape == (8, 41) and batch[k].dtype == np.int32
+  assert batch["task_id"].dtype == np.int32 and set(batch["task_id"]) <= set(range(len(prompts.TASKS)))
+  assert np.all(batch["text"][:, 0] == tok.bos_id) and np.all(batch["mask_loss"].sum(1) >= 1)
+  for text, tid in zip(batch["text"], batch["task_id"]):
+    prefix = tok.decode(text).split("\n")[0]
+    task = prompts.TASKS[tid]
+    assert {"diagnosis": prompts.DIAGNOSIS_PREFIX, "report": prompts.REPORT_PREFIX}.get(task, prefix) == prefix
+    assert task != "detection" or prefix.startswith("detect ")
+
+
+def test_hosts_split_the_global_sequence(tok):
+  single = ip.training(config(), batch_size=8, seed=5, tokenizer=tok)
+  hosts = [ip.training(config(), batch_size=4, seed=5, tokenizer=tok, process_index=p, process_count=2)
+           for p in range(2)]
+  ids = lambda exs: [(e.image_id, e.task, e.prefix) for e in exs]
+  for _ in range(3):
+    whole = ids(single.next_examples())
+    parts = [ids(h.next_examples()) for h in hosts]
+    assert whole[0::2] == parts[0] and whole[1::2] == parts[1]
+  assert hosts[0].get_state() == hosts[1].get_state() == single.get_state()
+
+
+def test_evaluation_covers_each_example_once(tok):
+  cfg = config()
+  units = ip.curated_units(cfg, split="val", tasks=("vqa",))
+  batches = list(ip.evaluation(cfg, task="vqa", split="val", batch_size=16, tokenizer=tok))
+  gts = [g for _, gt in batches for g in gt]
+  assert len(gts) == len(units["vqa"]) and sum(b["valid"].sum() for b, _ in batches) == len(gts)
+  assert [(g["image_id"], g["prefix"]) for g in gts] == [(e.image_id, e.prefix) for e in units["vqa"]]
+  assert all(g["question_type"] in ("closed", "open") for g in gts)
+  b, _ = batches[0]
+  assert b["text"].shape == (16, 40) and set(b) == {"image", "text", "mask_ar", "mask_input", "valid"}
+
+
+def test_config_errors(tok):
+  with pytest.raises(ip.InputError, match="unknown source 'nope'"):
+    ip.training(config(datasets={"x": dict(source="nope")}), batch_size=2, seed=0, tokenizer=tok)
+  with pytest.raises(ip.InputError, match="segmentation"):
+    ip.training(config(tasks=prompts.TASKS), batch_size=2, seed=0, tokenizer=tok)
+
+
+def test_real_tbx11k_and_nih_mix(tok, tbx11k_dir, nih_dir, tmp_path):
+  rows = list(csv.DictReader(open(nih_dir / "manifest.csv")))[:6]
+  small = tmp_path / "nih.csv"
+  with open(small, "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=rows[0].keys())
+    w.writeheader()
+    w.writerows(rows)
+  cfg = config(datasets={
+      "tbx11k": dict(source="tbx11k", path=str(tbx11k_dir), splits=("val",)),
+      "nih": dict(source="manifest", preset="nih_cxr14", path=str(small), root=str(nih_dir))},
+      split_fractions=(1.0, 0.0, 0.0), mix_by="dataset_task")
+  units = ip.curated_units(cfg, split="val")
+  assert {"tbx11k/detection", "tbx11k/diagnosis"} <= set(units)
+  assert len(units["tbx11k/diagnosis"]) == 100  # the official val list is honoured
+  nih = ip.curated_units(cfg, split="train")
+  assert len(nih["nih/diagnosis"]) == 6 and all(e.suffix == "normal" for e in nih["nih/diagnosis"])
+  det = units["tbx11k/detection"][0]
+  assert det.prefix == "detect active tb ; latent tb" and det.suffix.count("<loc") % 4 == 0
