@@ -1,0 +1,136 @@
+"""TFDS cxr_tb: builds per source, reads back equal elsewhere, bad input counted in metadata."""
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+tfds = pytest.importorskip("tensorflow_datasets")
+from big_vision_cxr.data import phantom, records  # pylint: disable=g-import-not-at-top
+from tfds_builders import cxr_tb  # pylint: disable=g-import-not-at-top
+
+
+def build(tmp_path, config, manual_dir=None):
+  builder = cxr_tb.CxrTb(config=config, data_dir=str(tmp_path / "tfds"))
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir) if manual_dir else None))
+  return builder
+
+
+def examples(builder):
+  return {s: list(tfds.as_numpy(builder.as_dataset(split=s, shuffle_files=False)))
+          for s in sorted(builder.info.splits)}
+
+
+def assert_same(a, b):
+  assert type(a) is type(b) or isinstance(a, np.ndarray)
+  if isinstance(a, dict):
+    assert a.keys() == b.keys()
+    for k in a:
+      assert_same(a[k], b[k])
+  else:
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def phantom_built(tmp_path_factory):
+  return build(tmp_path_factory.mktemp("ph"), "phantom_small")
+
+
+def test_phantom_build_reads_back_equal_elsewhere(phantom_built):
+  again = tfds.builder_from_directory(phantom_built.data_dir)
+  assert again.info.features.keys() == phantom_built.info.features.keys()
+  ours, theirs = examples(phantom_built), examples(again)
+  assert sum(len(v) for v in ours.values()) == 48 and ours.keys() == theirs.keys()
+  for split in ours:
+    assert len(ours[split]) == len(theirs[split])
+    for x, y in zip(ours[split], theirs[split]):
+      assert_same(x, y)
+  assert again.info.metadata["skipped"]["count"] == 0 and again.info.metadata["records"] == 48
+
+
+def test_phantom_examples_round_trip_to_records(phantom_built):
+  recs = cxr_tb.load_records(phantom_built.data_dir)
+  assert len(recs) == 48
+  originals = {r.image_id: r for r in phantom.dataset(48, size=64)}
+  patients = {}
+  for rec in recs:
+    orig = originals[rec.image_id]
+    np.testing.assert_array_equal(rec.image, orig.image)
+    np.testing.assert_array_equal(rec.objects.mask, orig.objects.mask)
+    np.testing.assert_allclose(rec.objects.bbox, orig.objects.bbox, atol=1e-6)
+    assert (rec.label, rec.objects.label, rec.objects.lung, rec.objects.zone, rec.objects.kind) == (
+        orig.label, orig.objects.label, orig.objects.lung, orig.objects.zone, orig.objects.kind)
+    assert rec.meta["findings"] == orig.meta["findings"]
+    assert patients.setdefault(rec.patient_id, rec.split) == rec.split  # patient-level splits
+
+
+@pytest.mark.slow
+def test_real_tbx11k_builds_with_boxes_where_boxes_csv_says(tmp_path, tbx11k_dir):
+  builder = build(tmp_path, "tbx11k", manual_dir=tbx11k_dir)
+  assert {s: i.num_examples for s, i in builder.info.splits.items()} == {"train": 150, "val": 100}
+  meta = builder.info.metadata["skipped"]
+  assert meta["count"] == 0 and meta["absent_count"] == 8400 - 250
+  rows = list(csv.DictReader(open(tbx11k_dir / "boxes.csv")))
+  want = {}
+  for row in rows:
+    want.setdefault(row["image"].split("/")[-1][:-4], []).append(
+        (row["split"], [float(row[k]) for k in ("ymin_512", "xmin_512", "ymax_512", "xmax_512")]))
+  n_boxes = 0
+  for split, exs in examples(builder).items():
+    for ex in exs:
+      image_id = ex["image_id"].decode()
+      assert ex["image"].shape == (512, 512, 1)
+      boxes = ex["objects"]["bbox"] * 512
+      assert len(boxes) == len(want[image_id])  # counts equal to the XML
+      assert boxes.min() >= 0 and boxes.max() <= 512
+      for s, box in want[image_id]:
+        assert s == split
+        assert np.abs(boxes - box).max(axis=1).min() < 0.02
+      n_boxes += len(boxes)
+  assert n_boxes == 390
+
+
+def test_nih_normals_build_through_the_manifest(tmp_path, nih_dir):
+  manual = tmp_path / "nih"
+  manual.mkdir()
+  rows = list(csv.DictReader(open(nih_dir / "manifest.csv")))[:5]
+  (manual / "images").mkdir()
+  for row in rows:
+    shutil.copy(nih_dir / row["image"], manual / row["image"])
+  with open(manual / "manifest.csv", "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=rows[0].keys())
+    w.writeheader()
+    w.writerows(rows)
+  builder = build(tmp_path, "nih_cxr14", manual_dir=manual)
+  exs = [e for split in examples(builder).values() for e in split]
+  assert len(exs) == 5 and {int(e["label"]) for e in exs} == {records.LABELS.index("normal")}
+  assert all(e["image"].shape == (1024, 1024, 1) and len(e["objects"]["label"]) == 0 for e in exs)
+
+
+def test_bad_inputs_are_skipped_named_and_counted(tmp_path):
+  from test_data_images import write_dicom  # pylint: disable=import-outside-toplevel
+  manual = tmp_path / "m"
+  manual.mkdir()
+  Image.fromarray(np.full((32, 32), 100, np.uint8)).save(manual / "good.png")
+  (manual / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n-garbage-")
+  write_dicom(manual / "nopix.dcm", np.zeros((8, 8), np.uint16), pixel_data=False)
+  rows = [dict(image="good.png", patient_id="1", label="normal"),
+          dict(image="corrupt.png", patient_id="2", label="normal"),
+          dict(image="nopix.dcm", patient_id="3", label="normal"),
+          dict(image="gone.png", patient_id="4", label="normal"),
+          dict(image="good.png", patient_id="5", label="tb", image_id="g5",
+               boxes=json.dumps([{"label": "active tb", "bbox": [0, 0, 40, 10]}]))]
+  with open(manual / "manifest.csv", "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=["image", "patient_id", "label", "image_id", "boxes"])
+    w.writeheader()
+    w.writerows(rows)
+  builder = build(tmp_path, "manifest", manual_dir=manual)
+  assert sum(i.num_examples for i in builder.info.splits.values()) == 1
+  skipped = tfds.builder_from_directory(builder.data_dir).info.metadata["skipped"]
+  assert skipped["count"] == 4
+  reasons = " | ".join(i["reason"] for i in skipped["items"])
+  for name in ("corrupt.png", "nopix.dcm", "gone.png", "outside the 32x32 image"):
+    assert name in reasons

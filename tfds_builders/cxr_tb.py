@@ -1,0 +1,173 @@
+"""TFDS dataset `cxr_tb`: chest radiographs with TB labels, lesions, reports and QA.
+
+Build (the module must be imported with --imports):
+    tfds build cxr_tb --imports tfds_builders.cxr_tb --config phantom
+    tfds build cxr_tb --imports tfds_builders.cxr_tb --config tbx11k --manual_dir /data/tbx11k
+    tfds build cxr_tb --imports tfds_builders.cxr_tb --config nih_cxr14 --manual_dir /data/nih
+    tfds build cxr_tb --imports tfds_builders.cxr_tb --config manifest --manual_dir /data/hospital
+
+Configs: `phantom` (1000 synthetic images, 256 px), `phantom_small` (48 at 64 px,
+for tests), `tbx11k` (manual_dir holds the release's `TBX11K/` folder),
+`nih_cxr14` (manual_dir holds the NIH `manifest.csv` + images), `manifest`
+(manual_dir holds `manifest.csv` or `manifest.jsonl` in the generic format of
+`data/manifest.py`). Splits train/val/test are by patient (`data/splits.py`,
+seed 0, 80/10/10) and honour a source's own lists; empty splits are omitted.
+
+Features: image (PNG, 1 channel), image_id, patient_id, source, label
+(ClassLabel tb/normal/sick_non_tb), objects (bbox normalised y_min, x_min,
+y_max, x_max; label ClassLabel; mask PNG 0/1 per object, 1x1 when
+`masks_known` is False; lung, zone, kind: '' when unknown), masks_known,
+report ('' when none), qa (question, answer, type), findings (JSON).
+Skipped inputs (corrupt image, DICOM without pixels, box outside the image,
+missing file) are logged with the file name and recorded with their count in
+the dataset metadata (`info.metadata['skipped']`): never a crash mid-build,
+never a silent loss.
+"""
+import dataclasses
+import json
+import logging
+import pathlib
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from big_vision_cxr.data import images, manifest, phantom, records, splits, tbx11k
+
+
+@dataclasses.dataclass
+class CxrTbConfig(tfds.core.BuilderConfig):
+  source: str = "phantom"
+  n: int = 0
+  size: int = 256
+  difficulty: float = 0.3
+  split_seed: int = 0
+
+
+class CxrTb(tfds.core.GeneratorBasedBuilder):
+  """Chest radiographs with TB labels, lesion boxes/masks, reports and QA."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "First release: phantom, TBX11K, NIH normals, generic manifest."}
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """
+  tbx11k: point --manual_dir at the folder holding TBX11K/ (imgs/, annotations/xml/, lists/).
+  nih_cxr14: the folder holding manifest.csv and images/ (see data/manifest.py NIH_CXR14).
+  manifest: the folder holding manifest.csv or manifest.jsonl (format in docs/DATA.md).
+  """
+  BUILDER_CONFIGS = [
+      CxrTbConfig(name="phantom", source="phantom", n=1000, size=256,
+                  description="Synthetic phantom radiographs with exact lesion masks."),
+      CxrTbConfig(name="phantom_small", source="phantom", n=48, size=64,
+                  description="A tiny phantom for tests."),
+      CxrTbConfig(name="tbx11k", source="tbx11k", description="TBX11K release (manual_dir)."),
+      CxrTbConfig(name="nih_cxr14", source="nih_cxr14", description="NIH 'No Finding' normals."),
+      CxrTbConfig(name="manifest", source="manifest", description="A generic CSV/JSONL manifest."),
+  ]
+
+  def _info(self):
+    text = tfds.features.Text()
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
+            "image_id": text, "patient_id": text, "source": text,
+            "label": tfds.features.ClassLabel(names=records.LABELS),
+            "objects": tfds.features.Sequence({
+                "bbox": tfds.features.BBoxFeature(),
+                "label": tfds.features.ClassLabel(names=records.CLASS_NAMES),
+                "mask": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
+                "lung": text, "zone": text, "kind": text,
+            }),
+            "masks_known": tfds.features.Scalar(dtype=np.bool_),
+            "report": text,
+            "qa": tfds.features.Sequence({"question": text, "answer": text, "type": text}),
+            "findings": text,
+        }),
+        metadata=tfds.core.MetadataDict(),
+        homepage="https://mmcheng.net/tb/",
+    )
+
+  def _read(self, dl_manager):
+    cfg = self.builder_config
+    skips = images.Skips(f"cxr_tb/{cfg.name}")
+    if cfg.source == "phantom":
+      return phantom.dataset(cfg.n, size=cfg.size, difficulty=cfg.difficulty), skips
+    root = pathlib.Path(dl_manager.manual_dir)
+    if cfg.source == "tbx11k":
+      return tbx11k.read(root, skips=skips)
+    if cfg.source == "nih_cxr14":
+      return manifest.read(root / "manifest.csv", skips=skips, **manifest.NIH_CXR14)
+    for name in ("manifest.csv", "manifest.jsonl", "manifest.tsv"):
+      if (root / name).is_file():
+        return manifest.read(root / name, skips=skips)
+    raise manifest.ManifestError(f"{root}: no manifest.csv, manifest.jsonl or manifest.tsv")
+
+  def _split_generators(self, dl_manager):
+    recs, skips = self._read(dl_manager)
+    splits.apply(recs, seed=self.builder_config.split_seed)
+    self.info.metadata["skipped"] = skips.summary()
+    self.info.metadata["records"] = len(recs)
+    if len(skips):
+      logging.warning("cxr_tb/%s: %d inputs skipped (see info.metadata['skipped'])",
+                      self.builder_config.name, len(skips))
+    by_split = {s: [r for r in recs if r.split == s] for s in splits.SPLITS}
+    return {s: self._generate_examples(rs) for s, rs in by_split.items() if rs}
+
+  def _generate_examples(self, recs):
+    for rec in recs:
+      yield f"{rec.source}/{rec.image_id}", record_to_example(rec)
+
+
+def record_to_example(rec):
+  """SourceRecord -> the TFDS feature dict."""
+  objs = rec.objects
+  n = len(objs)
+  known = objs.mask is not None
+  blank = np.zeros((1, 1, 1), np.uint8)
+  attr = lambda values: [v or "" for v in (values or [None] * n)]
+  return {
+      "image": rec.image[..., None], "image_id": rec.image_id, "patient_id": rec.patient_id,
+      "source": rec.source, "label": rec.label,
+      "objects": {
+          "bbox": np.asarray(objs.bbox, np.float32).reshape(-1, 4),
+          "label": list(objs.label),
+          "mask": [objs.mask[i][..., None] if known else blank for i in range(n)],
+          "lung": attr(objs.lung), "zone": attr(objs.zone), "kind": attr(objs.kind)},
+      "masks_known": known, "report": rec.report or "",
+      "qa": [dict(q) for q in rec.qa],
+      "findings": json.dumps(rec.meta.get("findings", {}), sort_keys=True),
+  }
+
+
+def _str(v):
+  return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def example_to_record(ex, split=None):
+  """A decoded TFDS example (numpy) -> SourceRecord."""
+  objs = ex["objects"]
+  n = len(objs["label"])
+  opt = lambda values: [(_str(v) or None) for v in values]
+  mask = np.stack([m[..., 0] for m in objs["mask"]]).astype(np.uint8) if ex["masks_known"] and n else (
+      np.zeros((0, *ex["image"].shape[:2]), np.uint8) if ex["masks_known"] else None)
+  return records.validate(records.SourceRecord(
+      image_id=_str(ex["image_id"]), patient_id=_str(ex["patient_id"]), source=_str(ex["source"]),
+      image=np.asarray(ex["image"][..., 0], np.uint8), label=records.LABELS[int(ex["label"])],
+      objects=records.Objects(
+          bbox=np.asarray(objs["bbox"], np.float32).reshape(-1, 4),
+          label=[records.CLASS_NAMES[int(l)] for l in objs["label"]], mask=mask,
+          lung=opt(objs["lung"]), zone=opt(objs["zone"]), kind=opt(objs["kind"])),
+      report=_str(ex["report"]) or None,
+      qa=[dict(question=_str(q), answer=_str(a), type=_str(t))
+          for q, a, t in zip(ex["qa"]["question"], ex["qa"]["answer"], ex["qa"]["type"])],
+      split=split, meta=dict(findings=json.loads(_str(ex["findings"])))))
+
+
+def load_records(name, data_dir=None, split=None):
+  """Every example of a built `cxr_tb/<config>` (or a dataset directory) as records."""
+  path = pathlib.Path(name)
+  builder = (tfds.builder_from_directory(str(path)) if path.is_dir()
+             else tfds.builder(name, data_dir=data_dir))
+  out = []
+  for s in ([split] if split else list(builder.info.splits)):
+    for ex in tfds.as_numpy(builder.as_dataset(split=s, shuffle_files=False)):
+      out.append(example_to_record(ex, split=s))
+  return out
