@@ -134,3 +134,13 @@ def test_bad_inputs_are_skipped_named_and_counted(tmp_path):
   reasons = " | ".join(i["reason"] for i in skipped["items"])
   for name in ("corrupt.png", "nopix.dcm", "gone.png", "outside the 32x32 image"):
     assert name in reasons
+
+
+def test_build_cli_and_pipeline_source(phantom_built, tmp_path, capsys):
+  from tfds_builders import build as build_cli  # pylint: disable=import-outside-toplevel
+  from big_vision_cxr import input_pipeline  # pylint: disable=import-outside-toplevel
+  build_cli.main(["--config", "phantom_small", "--data_dir", str(tmp_path)])
+  assert "train=39, val=5, test=4; skipped 0" in capsys.readouterr().out
+  cfg = dict(datasets={"t": dict(source="tfds", name=str(phantom_built.data_dir))}, tasks=("diagnosis",))
+  units = input_pipeline.curated_units(cfg, split="val")
+  assert len(units["diagnosis"]) == phantom_built.info.splits["val"].num_examples

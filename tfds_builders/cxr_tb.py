@@ -1,10 +1,10 @@
 """TFDS dataset `cxr_tb`: chest radiographs with TB labels, lesions, reports and QA.
 
-Build (the module must be imported with --imports):
-    tfds build cxr_tb --imports tfds_builders.cxr_tb --config phantom
-    tfds build cxr_tb --imports tfds_builders.cxr_tb --config tbx11k --manual_dir /data/tbx11k
+Build with the Python API, or this module's thin CLI around it:
+    python -m tfds_builders.build --config tbx11k --manual_dir /data/tbx11k --data_dir ~/tensorflow_datasets
+or with the TFDS CLI (it imports apache_beam at start-up in tfds 4.9.x,
+tensorflow/datasets#5463, so `pip install apache-beam` first):
     tfds build cxr_tb --imports tfds_builders.cxr_tb --config nih_cxr14 --manual_dir /data/nih
-    tfds build cxr_tb --imports tfds_builders.cxr_tb --config manifest --manual_dir /data/hospital
 
 Configs: `phantom` (1000 synthetic images, 256 px), `phantom_small` (48 at 64 px,
 for tests), `tbx11k` (manual_dir holds the release's `TBX11K/` folder),
@@ -171,3 +171,4 @@ def load_records(name, data_dir=None, split=None):
     for ex in tfds.as_numpy(builder.as_dataset(split=s, shuffle_files=False)):
       out.append(example_to_record(ex, split=s))
   return out
+

@@ -1,0 +1,27 @@
+"""Builds cxr_tb/<config> through the TFDS Python API (no apache_beam needed).
+
+    python -m tfds_builders.build --config tbx11k --manual_dir /data/tbx11k [--data_dir DIR]
+"""
+import argparse
+
+import tensorflow_datasets as tfds
+
+from tfds_builders import cxr_tb
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", required=True, choices=[c.name for c in cxr_tb.CxrTb.BUILDER_CONFIGS])
+  parser.add_argument("--manual_dir", default=None)
+  parser.add_argument("--data_dir", default=None)
+  args = parser.parse_args(argv)
+  builder = cxr_tb.CxrTb(config=args.config, data_dir=args.data_dir)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=args.manual_dir))
+  skipped = builder.info.metadata["skipped"]
+  splits = ", ".join(f"{s}={i.num_examples}" for s, i in builder.info.splits.items())
+  print(f"built {builder.data_dir}: {splits}; skipped {skipped['count']}, "
+        f"listed but absent {skipped['absent_count']}")
+
+
+if __name__ == "__main__":
+  main()
