@@ -148,9 +148,9 @@ def _sorted_objects(objs):
 def box_masks(bbox, height, width):
   """Box-shaped masks [n, H, W] uint8 (weak segmentation targets)."""
   masks = np.zeros((len(bbox), height, width), np.uint8)
-  for i, (y0, x0, y1, x1) in enumerate(np.asarray(bbox)):
-    masks[i, int(np.floor(y0 * height)):int(np.ceil(y1 * height)),
-          int(np.floor(x0 * width)):int(np.ceil(x1 * width))] = 1
+  px = np.round(np.asarray(bbox, np.float64).reshape(-1, 4) * [height, width, height, width]).astype(int)
+  for i, (y0, x0, y1, x1) in enumerate(px):
+    masks[i, y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)] = 1
   return masks
 
 
