@@ -1,0 +1,1 @@
+"""Evaluators of the five tasks and perplexity (registered in registry.EVALUATORS)."""

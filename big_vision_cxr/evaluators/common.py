@@ -1,0 +1,212 @@
+"""Evaluator base, prediction-record files, shared statistics, and the standalone runner.
+
+Every evaluator has a pure `compute_metrics(records, **kw) -> dict[str, float]`
+on prediction records (one JSON object per line in a predictions file, formats
+in docs/EVALUATION.md) and a class that makes those records with a
+`decode.Predictor` on eval batches, so the same numbers come out inside training
+and standalone:
+
+  python -m big_vision_cxr.evaluators.common --type detection --predictions preds.jsonl [--json out.json]
+"""
+import argparse
+import collections
+import json
+import math
+import os
+import sys
+import tempfile
+
+import numpy as np
+
+from big_vision_cxr.registry import EVALUATORS
+
+
+class EvalError(ValueError):
+  """A prediction record or evaluator argument is malformed."""
+
+
+def require(record, keys, index, what):
+  """Raises EvalError naming the record and the missing fields."""
+  missing = [k for k in keys if k not in record]
+  if missing:
+    raise EvalError(f"{what} record {index} (image_id={record.get('image_id')!r}) lacks {missing}.")
+
+
+def read_jsonl(path):
+  """A predictions file -> list of dict; errors name the file and line."""
+  out = []
+  try:
+    with open(path, encoding="utf-8") as f:
+      for n, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          rec = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise EvalError(f"{path}:{n}: not valid JSON ({e.msg}).") from e
+        if not isinstance(rec, dict):
+          raise EvalError(f"{path}:{n}: each line must be a JSON object, got {type(rec).__name__}.")
+        out.append(rec)
+  except OSError as e:
+    raise EvalError(f"cannot read predictions file {path}: {e.strerror}.") from e
+  return out
+
+
+def _json_default(x):
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  if isinstance(x, (np.integer, np.floating, np.bool_)):
+    return x.item()
+  if isinstance(x, bytes):
+    return x.decode("ascii")
+  raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def write_json_atomic(path, text):
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def write_jsonl(path, records):
+  write_json_atomic(path, "".join(json.dumps(r, default=_json_default) + "\n" for r in records))
+
+
+def by_source(records, metric_fn, **kw):
+  """metric_fn on each source's records -> {'by_source/<src>/<key>': value}.
+
+  Given only when the records mix sources, since pooled numbers then mix
+  populations (e.g. TBX11K TB images with NIH normals).
+  """
+  groups = collections.defaultdict(list)
+  for r in records:
+    groups[str(r.get("source", "unknown"))].append(r)
+  if len(groups) < 2:
+    return {}
+  out = {}
+  for src, recs in sorted(groups.items()):
+    for k, v in metric_fn(recs, **kw).items():
+      out[f"by_source/{src}/{k}"] = v
+  return out
+
+
+def normalize_answer(text):
+  """Lower case, collapse whitespace, strip surrounding punctuation."""
+  return " ".join(str(text).lower().split()).strip(" .,;:!?\"'")
+
+
+def bootstrap_ci(values_fn, n, *, strata=None, n_boot=1000, seed=0, alpha=0.05):
+  """Percentile bootstrap CI of `values_fn(indices)` over `n` items.
+
+  With `strata` (an int array [n]) each resample draws with replacement within
+  every stratum, keeping its size (stratified bootstrap). NaN statistics of a
+  resample are dropped. Returns (low, high) or (nan, nan).
+  """
+  rng = np.random.default_rng(seed)
+  strata = np.zeros(n, int) if strata is None else np.asarray(strata)
+  groups = [np.nonzero(strata == s)[0] for s in np.unique(strata)]
+  stats = []
+  for _ in range(n_boot):
+    idx = np.concatenate([g[rng.integers(0, len(g), len(g))] for g in groups])
+    v = values_fn(idx)
+    if not math.isnan(v):
+      stats.append(v)
+  if not stats:
+    return float("nan"), float("nan")
+  return float(np.quantile(stats, alpha / 2)), float(np.quantile(stats, 1 - alpha / 2))
+
+
+class Evaluator:
+  """Base: runs `predict_batch` over the eval data, then `compute_metrics`.
+
+  predictor: a `decode.Predictor`. data: an iterable of `(batch, ground_truths)`
+  (what `input_pipeline.evaluation` yields; batch['image'] may be padded, only
+  the first len(ground_truths) rows are used), or a callable returning one. A
+  one-shot iterator is kept in memory after its first pass so that `run` can be
+  called at every evaluation step. outfile: optional JSONL of the records.
+  """
+  name = None
+
+  def __init__(self, predictor, data, *, outfile=None, **metric_kw):
+    self.predictor = predictor
+    self._data = data
+    self._cached = None
+    self.outfile = outfile
+    self.metric_kw = metric_kw
+
+  def _batches(self):
+    if callable(self._data):
+      return self._data()
+    if iter(self._data) is self._data:  # one-shot iterator: keep it
+      if self._cached is None:
+        self._cached = list(self._data)
+      return self._cached
+    return self._data
+
+  def predict_batch(self, params, batch, ground_truths):
+    raise NotImplementedError
+
+  def predict(self, params):
+    records = []
+    for batch, gts in self._batches():
+      if gts:
+        records += self.predict_batch(params, batch, list(gts))
+    return records
+
+  @staticmethod
+  def compute_metrics(records, **kw):
+    raise NotImplementedError
+
+  def run(self, params):
+    records = self.predict(params)
+    if self.outfile:
+      write_jsonl(self.outfile, records)
+    return self.compute_metrics(records, **self.metric_kw)
+
+
+def base_record(gt):
+  """The fields every prediction record copies from its ground truth."""
+  return {k: gt.get(k) for k in ("image_id", "patient_id", "source", "task", "prefix")}
+
+
+def generate(predictor, params, batch, gts):
+  """Predictor.generate on the batch's valid rows (padding rows are dropped)."""
+  n = len(gts)
+  return predictor.generate(params, np.asarray(batch["image"])[:n], [g["prefix"] for g in gts])
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description="Metrics of a predictions JSONL file (docs/EVALUATION.md).")
+  p.add_argument("--type", required=True, help=f"one of {EVALUATORS.names()}")
+  p.add_argument("--predictions", required=True)
+  p.add_argument("--json", help="also write the metrics to this JSON file")
+  p.add_argument("--score_rule", help="detection/segmentation: which stored score ranks boxes")
+  args = p.parse_args(argv)
+  try:
+    cls = EVALUATORS.get(args.type)
+  except KeyError as e:
+    p.error(str(e))
+  kw = {"score_rule": args.score_rule} if args.score_rule else {}
+  try:
+    metrics = cls.compute_metrics(read_jsonl(args.predictions), **kw)
+  except EvalError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  width = max(map(len, metrics), default=0)
+  for k, v in metrics.items():
+    print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+  if args.json:
+    write_json_atomic(args.json, json.dumps(metrics, indent=1, default=_json_default))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

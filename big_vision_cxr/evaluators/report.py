@@ -1,0 +1,94 @@
+"""Report generation: corpus BLEU-1..4, ROUGE-L, METEOR (exact match).
+
+Record: {image_id, source, reference: str, prediction: str}.
+
+All text is lower-cased (as PaliGemma-CXR scored) and tokenised with
+sacrebleu's '13a' tokenizer. Scores are on a 0-100 scale.
+- bleu1..bleu4: sacrebleu corpus BLEU with max n-gram order n (uniform weights,
+  brevity penalty), tokenize='13a', lowercase=True, one reference per image.
+- rougeL: mean over reports of the LCS-based F1 (beta = 1, like rouge-score).
+- meteor: mean over reports of METEOR with exact word matches only (no stemming,
+  synonyms or paraphrases, so it is at most the official METEOR): alignment
+  matches each predicted word to the first unused equal reference word,
+  Fmean = 10PR / (R + 9P), penalty = 0.5 (chunks / matches)^3.
+"""
+import numpy as np
+from sacrebleu.metrics import BLEU
+from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
+
+from big_vision_cxr.evaluators import common
+from big_vision_cxr.registry import EVALUATORS
+
+_TOKENIZE = Tokenizer13a()
+
+
+def tokens(text):
+  return _TOKENIZE(str(text).lower()).split()
+
+
+def lcs_length(a, b):
+  prev = [0] * (len(b) + 1)
+  for x in a:
+    cur = [0]
+    for j, y in enumerate(b):
+      cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+    prev = cur
+  return prev[-1]
+
+
+def rouge_l(prediction, reference):
+  p, r = tokens(prediction), tokens(reference)
+  lcs = lcs_length(p, r)
+  if not lcs:
+    return 0.0
+  precision, recall = lcs / len(p), lcs / len(r)
+  return 2 * precision * recall / (precision + recall)
+
+
+def meteor_exact(prediction, reference):
+  p, r = tokens(prediction), tokens(reference)
+  used, matches = set(), []
+  for i, word in enumerate(p):
+    for j, ref_word in enumerate(r):
+      if j not in used and word == ref_word:
+        used.add(j)
+        matches.append((i, j))
+        break
+  m = len(matches)
+  if not m:
+    return 0.0
+  chunks = 1 + sum(1 for (i0, j0), (i1, j1) in zip(matches, matches[1:]) if (i1, j1) != (i0 + 1, j0 + 1))
+  precision, recall = m / len(p), m / len(r)
+  fmean = 10 * precision * recall / (recall + 9 * precision)
+  return fmean * (1 - 0.5 * (chunks / m) ** 3)
+
+
+def _metrics(records):
+  for i, r in enumerate(records):
+    common.require(r, ("reference", "prediction"), i, "report")
+  preds = [str(r["prediction"]) for r in records]
+  refs = [str(r["reference"]) for r in records]
+  out = {"n": float(len(records))}
+  if not records:
+    return out
+  for n in range(1, 5):
+    bleu = BLEU(max_ngram_order=n, tokenize="13a", lowercase=True, effective_order=False)
+    out[f"bleu{n}"] = float(bleu.corpus_score(preds, [refs]).score)
+  out["rougeL"] = 100 * float(np.mean([rouge_l(p, r) for p, r in zip(preds, refs)]))
+  out["meteor"] = 100 * float(np.mean([meteor_exact(p, r) for p, r in zip(preds, refs)]))
+  return out
+
+
+@EVALUATORS.register("report")
+class Evaluator(common.Evaluator):
+
+  def predict_batch(self, params, batch, gts):
+    outs = common.generate(self.predictor, params, batch, gts)
+    return [dict(common.base_record(g), reference=g.get("report") or g["suffix"], prediction=o["text"])
+            for g, o in zip(gts, outs)]
+
+  @staticmethod
+  def compute_metrics(records, **kw):
+    if kw:
+      raise common.EvalError(f"report metrics take no options, got {sorted(kw)}.")
+    return {**_metrics(records), **common.by_source(records, _metrics)}

@@ -1,0 +1,143 @@
+"""Lesion segmentation: COCO mask AP (pycocotools RLE), mIoU and Dice.
+
+Record: {image_id, source, height, width,
+  gt: {bbox: [[y_min, x_min, y_max, x_max], ...] normalised, label: [...],
+       mask_rle: [COCO RLE {size: [H, W], counts: str}, ...]},
+  prediction: str,
+  objects: [{bbox, label, scores: {rule: float}, mask_rle}] (optional),
+  n_invalid: int (optional)}.
+
+Without `objects`, the prediction text is parsed (16 seg tokens required) and the
+masks are decoded with the VQ-VAE given as `vqvae` (path; default the demo one).
+- '<rule>/AP', '/AP50', '/AP75' (+ agnostic and per class): COCO 'segm' AP as in
+  detection.py, under the chosen score rule and under 'ones'.
+- miou / dice: per image, the union of the predicted masks against the union of
+  the ground-truth masks (all classes), averaged over images where either is
+  non-empty; empty_correct: share of images without ground-truth lesions where
+  the model predicted none (those images are left out of miou and dice).
+"""
+import numpy as np
+from pycocotools import mask as mask_lib
+
+from big_vision_cxr.evaluators import common, detection
+from big_vision_cxr.registry import EVALUATORS
+
+
+def rle_encode(mask):
+  """Bool [H, W] -> JSON-friendly COCO RLE."""
+  rle = mask_lib.encode(np.asfortranarray(np.asarray(mask, np.uint8)))
+  return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def rle_decode(rle, index):
+  try:
+    return mask_lib.decode({"size": list(rle["size"]), "counts": rle["counts"].encode("ascii")}).astype(bool)
+  except (KeyError, TypeError, AttributeError, ValueError) as e:
+    raise common.EvalError(f"record {index}: a mask is not a COCO RLE {{size, counts}}: {e}.") from e
+
+
+def _with_masks(records, vqvae):
+  """Records whose predicted objects all carry mask_rle (decoding seg tokens if needed)."""
+  codec, out = None, []
+  for i, r in enumerate(records):
+    objs, n_invalid = detection.predicted_objects(r, i, require_seg=True)
+    todo = [k for k, o in enumerate(objs) if "mask_rle" not in o]
+    if todo:
+      if codec is None:
+        from big_vision_cxr import seg_codec  # pylint: disable=import-outside-toplevel
+        codec = seg_codec.from_config(vqvae)
+      seg = np.array([objs[k]["seg_ids"] for k in todo], np.int32).reshape(-1, 16)
+      masks = codec.decode(seg, np.array([objs[k]["bbox"] for k in todo]), r["height"], r["width"])
+      objs = list(objs)
+      for k, m in zip(todo, masks):
+        objs[k] = dict(objs[k], mask_rle=rle_encode(m))
+    out.append(dict(r, objects=objs, n_invalid=n_invalid))
+  return out
+
+
+def _union(rles, shape, index):
+  m = np.zeros(shape, bool)
+  for rle in rles:
+    d = rle_decode(rle, index)
+    if d.shape != shape:
+      raise common.EvalError(f"record {index}: mask of shape {d.shape} on an image of {shape}.")
+    m |= d
+  return m
+
+
+def _metrics(records, score_rule=detection.DEFAULT_SCORE_RULE):
+  out = {"n_images": float(len(records))}
+  n_valid = sum(len(r["objects"]) for r in records)
+  n_invalid = sum(int(r.get("n_invalid", 0)) for r in records)
+  out["invalid_rate"] = n_invalid / max(1, n_valid + n_invalid)
+  ious, dices, empty = [], [], []
+  for i, r in enumerate(records):
+    common.require(r, ("gt", "height", "width"), i, "segmentation")
+    gt = r["gt"]
+    if len(gt.get("mask_rle", [])) != len(gt.get("label", [])):
+      raise common.EvalError(f"segmentation record {i}: gt needs one mask_rle per label.")
+    shape = (int(r["height"]), int(r["width"]))
+    g = _union(gt["mask_rle"], shape, i)
+    p = _union([o["mask_rle"] for o in r["objects"]], shape, i)
+    if not g.any():
+      empty.append(not p.any())
+    if g.any() or p.any():
+      inter, total = (g & p).sum(), g.sum() + p.sum()
+      ious.append(inter / (total - inter))
+      dices.append(2 * inter / total)
+  out.update(miou=float(np.mean(ious)) if ious else float("nan"),
+             dice=float(np.mean(dices)) if dices else float("nan"),
+             empty_correct=float(np.mean(empty)) if empty else float("nan"))
+  for rule in detection.score_rules(records, score_rule):
+    images = []
+    for i, r in enumerate(records):
+      h, w = r["height"], r["width"]
+      gt = r["gt"]
+      gts = [dict(label=l, bbox=detection.xywh(b, h, w), segmentation=_coco_rle(m))
+             for b, l, m in zip(gt["bbox"], gt["label"], gt["mask_rle"])]
+      preds = [dict(label=o["label"], bbox=detection.xywh(o["bbox"], h, w), segmentation=_coco_rle(o["mask_rle"]),
+                    score=detection.score_of(o, rule, i)) for o in r["objects"]]
+      images.append(dict(height=h, width=w, gts=gts, preds=preds))
+    out.update({f"{rule}/{k}": v for k, v in detection.coco_ap(images, "segm").items()})
+  return out
+
+
+def _coco_rle(rle):
+  return {"size": list(rle["size"]), "counts": rle["counts"].encode("ascii")}
+
+
+@EVALUATORS.register("segmentation")
+class Evaluator(common.Evaluator):
+  """Greedy-decodes, parses, scores each object, decodes its mask with `seg_codec`.
+
+  seg_codec: a SegCodec, a path or {'npz': path}; None means the demo VQ-VAE, so
+  pass the one the training data was encoded with.
+  """
+
+  def __init__(self, predictor, data, *, seg_codec=None, **kw):
+    super().__init__(predictor, data, **kw)
+    from big_vision_cxr import seg_codec as seg_codec_lib  # pylint: disable=import-outside-toplevel
+    self.seg_codec = seg_codec if isinstance(seg_codec, seg_codec_lib.SegCodec) else seg_codec_lib.from_config(seg_codec)
+
+  def predict_batch(self, params, batch, gts):
+    outs = common.generate(self.predictor, params, batch, gts)
+    records = []
+    for g, o in zip(gts, outs):
+      objs, n_invalid = detection.objects_with_scores(o, self.predictor.tokenizer)
+      n_invalid += sum(ob["seg_ids"] is None for ob in objs)
+      objs = [ob for ob in objs if ob["seg_ids"] is not None]
+      h, w = g["height"], g["width"]
+      if objs:
+        masks = self.seg_codec.decode(np.array([ob["seg_ids"] for ob in objs]), np.array([ob["bbox"] for ob in objs]), h, w)
+        objs = [dict(ob, mask_rle=rle_encode(m)) for ob, m in zip(objs, masks)]
+      gt = detection.gt_boxes(g)
+      gt_masks = (g.get("objects") or {}).get("mask")
+      gt["mask_rle"] = [rle_encode(m > 0) for m in (gt_masks if gt_masks is not None else [])]
+      records.append(dict(common.base_record(g), height=h, width=w, gt=gt, prediction=o["text"],
+                          objects=objs, n_invalid=n_invalid))
+    return records
+
+  @staticmethod
+  def compute_metrics(records, score_rule=detection.DEFAULT_SCORE_RULE, vqvae=None):
+    records = _with_masks(records, vqvae)
+    return {**_metrics(records, score_rule), **common.by_source(records, _metrics, score_rule=score_rule)}

@@ -1,0 +1,72 @@
+"""VQA: close-ended accuracy, open-ended exact match and token F1.
+
+Record: {image_id, source, question (the prefix), question_type: 'closed'|'open',
+answer: str (ground truth), prediction: str}.
+
+Answers are compared after `common.normalize_answer` (lower case, collapsed
+whitespace, surrounding punctuation stripped). Token F1 is SQuAD's: the
+harmonic mean of token precision and recall of the bag of answer words.
+Keys: closed/accuracy, open/exact_match, open/token_f1, all/exact_match,
+counts, and per question (`question/<question text>/exact_match`).
+"""
+import collections
+
+import numpy as np
+
+from big_vision_cxr.evaluators import common
+from big_vision_cxr.registry import EVALUATORS
+
+QUESTION_TYPES = ("closed", "open")
+
+
+def token_f1(prediction, answer):
+  p, a = common.normalize_answer(prediction).split(), common.normalize_answer(answer).split()
+  if not p or not a:
+    return float(p == a)
+  common_tokens = sum((collections.Counter(p) & collections.Counter(a)).values())
+  if not common_tokens:
+    return 0.0
+  precision, recall = common_tokens / len(p), common_tokens / len(a)
+  return 2 * precision * recall / (precision + recall)
+
+
+def _mean(values):
+  return float(np.mean(values)) if len(values) else float("nan")
+
+
+def _metrics(records):
+  for i, r in enumerate(records):
+    common.require(r, ("question", "question_type", "answer", "prediction"), i, "vqa")
+    if r["question_type"] not in QUESTION_TYPES:
+      raise common.EvalError(f"vqa record {i}: question_type {r['question_type']!r} is not one of "
+                             f"{QUESTION_TYPES}.")
+  em = [common.normalize_answer(r["prediction"]) == common.normalize_answer(r["answer"]) for r in records]
+  f1 = [token_f1(r["prediction"], r["answer"]) for r in records]
+  kinds = [r["question_type"] for r in records]
+  out = {
+      "all/exact_match": _mean(em), "n": float(len(records)),
+      "closed/accuracy": _mean([e for e, k in zip(em, kinds) if k == "closed"]),
+      "closed/n": float(kinds.count("closed")),
+      "open/exact_match": _mean([e for e, k in zip(em, kinds) if k == "open"]),
+      "open/token_f1": _mean([f for f, k in zip(f1, kinds) if k == "open"]),
+      "open/n": float(kinds.count("open")),
+  }
+  questions = sorted({r["question"] for r in records})
+  for q in questions:
+    out[f"question/{q}/exact_match"] = _mean([e for e, r in zip(em, records) if r["question"] == q])
+  return out
+
+
+@EVALUATORS.register("vqa")
+class Evaluator(common.Evaluator):
+
+  def predict_batch(self, params, batch, gts):
+    outs = common.generate(self.predictor, params, batch, gts)
+    return [dict(common.base_record(g), question=g["prefix"], question_type=g.get("question_type"),
+                 answer=g["suffix"], prediction=o["text"]) for g, o in zip(gts, outs)]
+
+  @staticmethod
+  def compute_metrics(records, **kw):
+    if kw:
+      raise common.EvalError(f"vqa metrics take no options, got {sorted(kw)}.")
+    return {**_metrics(records), **common.by_source(records, _metrics)}
