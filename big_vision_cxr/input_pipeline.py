@@ -5,9 +5,11 @@
     state = it.get_state()  # JSON-serialisable; it.set_state(state) resumes exactly
 
 Design (the config shape is in docs/DATA.md):
-- Every dataset in `config.datasets` is read into source records, split by
-  patient (`data/splits.py`), and the requested split is curated into the tasks'
-  examples (`data/curation.py`). Examples are grouped into mixture units: one
+- Every dataset in `config.datasets` is read into source records (cached per
+  config), split by patient (`data/splits.py`; a dataset's `split_map` renames
+  the source's given splits, e.g. {'val': 'test'}, and maps to None to re-split
+  by patient hash), and the requested split is curated into the tasks' examples
+  (`data/curation.py`). Examples are grouped into mixture units: one
   per task (`mix_by='task'`, the paper's p_t ∝ 1/N_t) or one per (dataset,
   task) (`mix_by='dataset_task'`).
 - Unit weights: 'inverse_size' (∝ 1/N), 'proportional' (∝ N), 'uniform', or a
@@ -23,6 +25,7 @@ Design (the config shape is in docs/DATA.md):
   through `tokenize_train(text_len)` (`tokenize_eval` for evaluation).
 """
 import collections
+import dataclasses
 import hashlib
 import json
 import logging
@@ -147,7 +150,9 @@ def curated_units(config, *, split, seg_codec=None, tasks=None):
     for task in tasks:
       units[task] = []
   for name, recs in loaded.items():
-    recs = splits.apply(list(recs), seed=_get(config, "split_seed"), fractions=fractions)
+    split_map = _plain(datasets[name]).get("split_map", {})
+    recs = [dataclasses.replace(r, split=split_map.get(r.split, r.split)) for r in recs]
+    recs = splits.apply(recs, seed=_get(config, "split_seed"), fractions=fractions)
     for rec in recs:
       if rec.split != split:
         continue

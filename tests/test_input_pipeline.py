@@ -150,3 +150,14 @@ def test_real_tbx11k_and_nih_mix(tok, tbx11k_dir, nih_dir, tmp_path):
   assert len(nih["nih/diagnosis"]) == 6 and all(e.suffix == "normal" for e in nih["nih/diagnosis"])
   det = units["tbx11k/detection"][0]
   assert det.prefix == "detect active tb ; latent tb" and det.suffix.count("<loc") % 4 == 0
+
+
+def test_split_map_and_cached_records_stay_untouched(tok):
+  cfg = config(datasets={"ph": dict(source="phantom", n=40, size=32, split_map={"train": None})})
+  recs, _ = ip.load_records("ph", cfg["datasets"]["ph"])
+  assert all(r.split is None for r in recs)
+  ip.curated_units(cfg, split="train", tasks=("diagnosis",))
+  assert all(r.split is None for r in recs)  # curation works on copies
+  a = ip.curated_units({**cfg, "split_seed": 1}, split="val", tasks=("diagnosis",))
+  b = ip.curated_units({**cfg, "split_seed": 2}, split="val", tasks=("diagnosis",))
+  assert [e.image_id for e in a["diagnosis"]] != [e.image_id for e in b["diagnosis"]]

@@ -71,9 +71,21 @@ def get_resize(size, antialias=False, method="bilinear", key="image"):
   return lambda data: {**data, key: resize(data[key], size, antialias, method)}
 
 
+def _value_range(x, vmin, vmax, in_min, in_max):
+  x = (np.asarray(x, np.float32) - np.float32(in_min)) / np.float32(in_max - in_min)
+  return (np.float32(vmin) + x * np.float32(vmax - vmin)).astype(np.float32)
+
+
 def value_range(image, vmin=-1.0, vmax=1.0, in_min=0.0, in_max=255.0):
-  x = (np.asarray(image, np.float32) - in_min) / (in_max - in_min)
-  return (vmin + x * (vmax - vmin)).astype(np.float32)
+  """Linear map to float32; uint8 goes through a 256-entry table (same values, one pass),
+  and replicated grey channels (stride 0) are computed once and then repeated."""
+  image = np.asarray(image)
+  if image.dtype != np.uint8:
+    return _value_range(image, vmin, vmax, in_min, in_max)
+  lut = _value_range(np.arange(256), vmin, vmax, in_min, in_max)
+  if image.ndim >= 3 and image.strides[-1] == 0:
+    return np.repeat(lut[image[..., :1]], image.shape[-1], axis=-1)
+  return lut[image]
 
 
 @PP_OPS.register("value_range")
