@@ -189,12 +189,13 @@ def main(argv=None):
   p.add_argument("--predictions", required=True)
   p.add_argument("--json", help="also write the metrics to this JSON file")
   p.add_argument("--score_rule", help="detection/segmentation: which stored score ranks boxes")
+  p.add_argument("--vqvae", help="segmentation: VQ-VAE .npz decoding seg tokens of text-only records")
   args = p.parse_args(argv)
   try:
     cls = EVALUATORS.get(args.type)
   except KeyError as e:
     p.error(str(e))
-  kw = {"score_rule": args.score_rule} if args.score_rule else {}
+  kw = {k: v for k, v in (("score_rule", args.score_rule), ("vqvae", args.vqvae)) if v}
   try:
     metrics = cls.compute_metrics(read_jsonl(args.predictions), **kw)
   except EvalError as e:
