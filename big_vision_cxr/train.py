@@ -355,6 +355,7 @@ def _loop(config, state, update, train_iter, mesh, ckpt, evaluators, writer, rng
     s, metrics, task_ids = p
     loss = float(metrics["loss"])
     if not np.isfinite(loss):
+      ckpt.wait()
       last = ckpt.latest_step()
       where = f"{ckpt.directory}/{last}" if last is not None else "none (no checkpoint yet)"
       raise NonFiniteLossError(

@@ -1,0 +1,124 @@
+"""The training loop: loss (§2.6), gradient accumulation, freezing, LoRA, guards."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+import _trainer_testlib as lib
+from big_vision_cxr import optim
+from big_vision_cxr import sharding
+from big_vision_cxr import train
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+  """train.py with the seeded stand-in batches (no tokenizer, no input pipeline)."""
+  monkeypatch.setattr(train, "make_tokenizer", lambda config: None)
+
+  def use(**kw):
+    monkeypatch.setattr(train, "make_train_iter", lambda config, tok, seg: lib.StandInBatches(
+        config.input.batch_size, config.seed, **kw))
+  use()
+  return use
+
+
+def test_per_example_loss_matches_manual_computation_with_label_smoothing():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, 3, 5)).astype(np.float32)
+  targets = np.array([[1, 2, 0], [4, 4, 3]], np.int32)
+  weights = np.array([[0, 1, 1], [0, 0, 0]], np.int32)
+  ls = 0.2
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  dist = np.full((2, 3, 5), ls / 4)
+  np.put_along_axis(dist, targets[..., None], 1 - ls, axis=-1)
+  tok = -(dist * logp).sum(-1)
+  expect = [(tok[0] * weights[0]).sum() / 2, 0.0]  # no suffix tokens -> 0, not NaN
+  got = train.per_example_loss(jnp.asarray(logits), targets, weights, ls)
+  np.testing.assert_allclose(got, expect, rtol=1e-5)
+
+
+def test_gradient_accumulation_equals_full_batch():
+  config = lib.tiny_config()
+  model = train.build_model(config)
+  params = train.init_params_fn(model, config, None)(jax.random.key(0))
+  plan = optim.plan_params(config, params)
+  mask = optim.trainable_mask(plan, params)
+  loss_fn = train.make_loss_fn(model, config, mask, None)
+  batch = next(lib.StandInBatches(8, 0))
+  batch["mask_loss"][:4, 6:] = 0  # unequal suffix lengths: per-example means still average right
+  full, per_full = jax.jit(lambda p, b: train.accumulate_grads(loss_fn, p, b, jax.random.key(1), 1))(
+      params, batch)
+  acc, per_acc = jax.jit(lambda p, b: train.accumulate_grads(loss_fn, p, b, jax.random.key(1), 4))(
+      params, batch)
+  np.testing.assert_allclose(per_acc, per_full, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), acc, full)
+  llm_norm = optax_norm(full["llm"])
+  assert llm_norm > 0
+  assert optax_norm(full["img"]) == 0.0  # frozen: stop_gradient, no gradient at all
+
+
+def optax_norm(tree):
+  return float(jnp.sqrt(sum(jnp.sum(x ** 2) for x in jax.tree.leaves(tree))))
+
+
+def test_frozen_params_do_not_change_and_trained_ones_do(stand_in, tmp_path):
+  config = lib.tiny_config(total_steps=3)
+  model = train.build_model(config)
+  before = jax.jit(train.init_params_fn(model, config, None))(
+      jax.random.split(jax.random.key(config.seed))[0])
+  summary = train.train(config, tmp_path)
+  after = jax.device_get(summary["state"]["params"])
+  jax.tree.map(np.testing.assert_array_equal, after["img"], jax.device_get(before["img"]))
+  changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), after["llm"],
+                                         jax.device_get(before["llm"])))
+  assert all(changed)
+
+
+def test_lora_trains_only_a_and_b(stand_in, tmp_path):
+  config = lib.tiny_config(
+      total_steps=3, lora=dict(rank=2, alpha=4.0, targets="llm/layers/(attn/.*|mlp/.*)"),
+      schedule=[("lora/.*", dict(decay_type="constant")), (".*", None)])
+  model = train.build_model(config)
+  before = jax.device_get(jax.jit(train.init_params_fn(model, config, config.lora))(
+      jax.random.split(jax.random.key(config.seed))[0]))
+  summary = train.train(config, tmp_path)
+  after = jax.device_get(summary["state"]["params"])
+  for part in ("img", "llm"):
+    jax.tree.map(np.testing.assert_array_equal, after[part], before[part])
+  assert sorted(after["lora"]) == ["llm~layers~attn~attn_vec_einsum~w", "llm~layers~attn~kv_einsum~w",
+                                   "llm~layers~attn~q_einsum~w", "llm~layers~mlp~gating_einsum",
+                                   "llm~layers~mlp~linear"]
+  for name, ab in after["lora"].items():
+    assert np.any(ab["b"] != 0), name  # B starts at 0 and has moved
+  opt_floats = sum(x.size for x in jax.tree.leaves(summary["state"]["opt"]) if x.ndim)
+  lora_floats = sum(x.size for x in jax.tree.leaves(after["lora"]))
+  assert opt_floats == 2 * lora_floats  # Adam moments for A, B only
+  losses = lib.read_losses(tmp_path)
+  assert losses[3] < losses[1]
+
+
+def test_nan_loss_stops_with_step_tasks_and_last_checkpoint(stand_in, tmp_path):
+  stand_in(nan_at=4)  # the 5th batch (step 5) has a NaN pixel
+  config = lib.tiny_config(total_steps=8, ckpt_steps=2)
+  with pytest.raises(train.NonFiniteLossError) as e:
+    train.train(config, tmp_path)
+  msg = str(e.value)
+  assert "Loss is nan at step 5" in msg
+  tasks = lib.StandInBatches(8, 0)
+  for _ in range(4):
+    next(tasks)
+  expected = train._task_summary(next(tasks)["task_id"])
+  assert f"batch tasks: {expected})" in msg
+  assert f"Last good checkpoint: {tmp_path.absolute()}/checkpoints/4." in msg
+
+
+def test_config_that_cannot_fit_fails_before_compiling(stand_in, tmp_path, monkeypatch):
+  compiled = []
+  monkeypatch.setattr(train, "make_update_fn", lambda *a, **k: compiled.append(1))
+  config = lib.tiny_config(input=dict(batch_size=6), microbatches=4)
+  with pytest.raises(sharding.ShardingError, match=r"batch_size=6 cannot be split into "
+                                                   r"config.microbatches=4"):
+    train.train(config, tmp_path)
+  assert not compiled and not (tmp_path / "checkpoints").exists()
+  assert train.main(["--config", str(lib.REPO / "tests" / "_no_such_config.py")]) == 2
