@@ -24,14 +24,28 @@ import os
 import pathlib
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from big_vision_cxr import checkpointing
+from big_vision_cxr import confidence
+from big_vision_cxr import decode
+from big_vision_cxr import loc_codec
+from big_vision_cxr import seg_codec as seg_codec_lib
+from big_vision_cxr import tokenizer as tokenizer_lib
+from big_vision_cxr.data import images as images_lib
 from big_vision_cxr.data import prompts as prompts_lib
+from big_vision_cxr.data import records
+from big_vision_cxr.pp import ops_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 MANIFEST_SUFFIXES = (".csv", ".jsonl")
 MANIFEST_KEYS = ("image", "path", "image_path")
 TASKS = ("diagnosis", "report", "vqa", "detection", "segmentation")
+DEMO_TOKENIZER = pathlib.Path(__file__).parent / "assets" / "cxr_demo_spm.model"
+MIN_SIDE = 32  # pixels; smaller images hold no usable radiograph
+MAX_PIXELS = 64_000_000  # refuse larger images (8000 x 8000) before decoding them
 
 
 class PredictError(ValueError):
@@ -222,3 +236,327 @@ def task_jobs(n_images, tasks, class_names, prompts=()):
   for p in prompts:
     per_image.append((("prompt", p), p))
   return [Job(i, key, prefix) for i in range(n_images) for key, prefix in per_image]
+
+
+@dataclasses.dataclass
+class Loaded:
+  """Everything predicting needs, and where it came from."""
+  model: object
+  params: object
+  tokenizer: object
+  seg_codec: object
+  image_size: int
+  class_names: tuple
+  provenance: dict
+
+
+def _latest_complete_step(workdir):
+  folder = pathlib.Path(workdir) / "checkpoints"
+  steps = sorted(int(p.name) for p in folder.iterdir() if checkpointing.is_complete(p)) if folder.is_dir() else []
+  if not steps:
+    raise PredictError(f"{workdir}: no complete checkpoint under {folder}.")
+  return steps[-1]
+
+
+def restore_params(workdir, step=None):
+  """Our orbax checkpoint (workdir or workdir/checkpoints/STEP) -> (params, step).
+
+  Read-only: unlike `checkpointing.Checkpointer` it never moves, cleans or
+  creates anything, so it is safe on the workdir of a running training.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  path = pathlib.Path(workdir)
+  if path.name.isdigit() and checkpointing.is_complete(path):
+    step_dir = path
+  else:
+    step = _latest_complete_step(path) if step is None else int(step)
+    step_dir = path / "checkpoints" / str(step)
+    if not checkpointing.is_complete(step_dir):
+      raise PredictError(f"checkpoint {step_dir} is missing or incomplete.")
+  state = ocp.StandardCheckpointer().restore(step_dir.absolute() / "state")
+  if "params" not in state:
+    raise PredictError(f"{step_dir}: the saved state has no 'params' (keys: {sorted(state)}).")
+  return state["params"], int(step_dir.name)
+
+
+def load(checkpoint, *, config=None, model_variant=None, tokenizer=None, vqvae=None,
+         class_names=None, step=None):
+  """Model, params, tokenizer and VQ-VAE for predicting.
+
+  checkpoint: our orbax workdir (or one of its step folders), or a big_vision
+    `.npz` (official or ours). The model comes from `config` (a training
+    ConfigDict: model, tokenizer, seg_codec, class names) or from `model_variant`.
+  """
+  from big_vision_cxr import train  # pylint: disable=import-outside-toplevel
+  from big_vision_cxr.models import paligemma  # pylint: disable=import-outside-toplevel
+  if config is not None:
+    model_cfg = train.model_config(config)
+    variant = config.model.variant
+    tokenizer = tokenizer or config.get("tokenizer")
+    vqvae = vqvae or (config.get("seg_codec") or {}).get("npz")
+    class_names = class_names or config.input.get("class_names")
+  elif model_variant:
+    model_cfg, variant = paligemma.get_config(model_variant), model_variant
+  else:
+    raise PredictError("say which model: --config (the training config) or --model_variant.")
+  tokenizer = tokenizer or DEMO_TOKENIZER
+  vqvae = vqvae or seg_codec_lib.DEMO_VQVAE
+  class_names = tuple(class_names or records.CLASS_NAMES)
+  model = paligemma.Model(**model_cfg)
+  path = pathlib.Path(str(checkpoint).split(":")[0])
+  if not path.exists():
+    raise PredictError(f"checkpoint {checkpoint} does not exist.")
+  if path.is_dir():
+    params, step = restore_params(path, step)
+    if "lora" in params:
+      if config is None:
+        raise PredictError(f"{checkpoint} holds LoRA params: pass the training --config to merge them.")
+      params = train.model_params(params, config.get("lora"))
+  else:
+    params, step = paligemma.load(paligemma.param_shapes(model_cfg), str(checkpoint), model_cfg), None
+  params = jax.tree.map(jnp.asarray, params)
+  tok = tokenizer_lib.Tokenizer(tokenizer)
+  vocab = model_cfg["llm"]["vocab_size"]
+  if tok.vocab_size != vocab:
+    raise PredictError(f"tokenizer {tokenizer} has {tok.vocab_size} tokens but the model "
+                       f"(variant {variant}) has a vocabulary of {vocab}: they must be equal.")
+  provenance = dict(checkpoint=str(checkpoint), step=step, model_variant=variant,
+                    tokenizer=str(tokenizer), vqvae=str(vqvae), class_names=list(class_names))
+  return Loaded(model=model, params=params, tokenizer=tok, seg_codec=seg_codec_lib.SegCodec.from_npz(vqvae),
+                image_size=int(model_cfg["img"]["image_size"]), class_names=class_names,
+                provenance=provenance)
+
+
+def check_size(path):
+  """Refuses an image below MIN_SIDE or above MAX_PIXELS from its header, before decoding."""
+  try:
+    if images_lib.is_dicom(path):
+      import pydicom  # pylint: disable=import-outside-toplevel
+      ds = pydicom.dcmread(path, stop_before_pixels=True)
+      height, width = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    else:
+      from PIL import Image  # pylint: disable=import-outside-toplevel
+      with Image.open(path) as im:
+        width, height = im.size
+  except Exception as e:  # pylint: disable=broad-except
+    raise images_lib.ImageError(f"{path}: not a readable image: {type(e).__name__}: {e}") from e
+  if height * width > MAX_PIXELS:
+    raise PredictError(f"{path}: {width}x{height} is over the limit of {MAX_PIXELS} pixels "
+                       f"(predict.MAX_PIXELS); downscale it first.")
+  if min(height, width) < MIN_SIDE:
+    raise PredictError(f"{path}: {width}x{height} is smaller than {MIN_SIDE} pixels on a side "
+                       f"(predict.MIN_SIDE): not a radiograph.")
+
+
+def read_checked(path):
+  """A radiograph uint8 [H, W] from `path`, or PredictError/ImageError naming it."""
+  check_size(path)
+  image = images_lib.read_image(path)
+  if min(image.shape) < MIN_SIDE or image.size > MAX_PIXELS:
+    raise PredictError(f"{path}: decoded to {image.shape[1]}x{image.shape[0]}, outside "
+                       f"[{MIN_SIDE} px a side, {MAX_PIXELS} pixels].")
+  return image
+
+
+def model_input(image, size):
+  """uint8 [H, W] -> float32 [size, size, 3] in [-1, 1], as the training pipeline does."""
+  rgb = ops_image.to_rgb(image)
+  return ops_image.value_range(ops_image.resize(rgb, size), -1.0, 1.0)
+
+
+def _question(prefix):
+  return prefix[len("answer en "):] if prefix.startswith("answer en ") else prefix
+
+
+class Runner:
+  """Runs the chosen tasks/prompts on batches of images through one Predictor."""
+
+  def __init__(self, loaded, *, tasks=TASKS, prompts=(), batch_size=8, max_decode_len=64):
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown:
+      raise PredictError(f"unknown tasks {unknown}; known: {', '.join(TASKS)}.")
+    if not tasks and not prompts:
+      raise PredictError("nothing to do: no tasks and no --prompt.")
+    self.loaded, self.tasks, self.prompts = loaded, tuple(tasks), tuple(prompts)
+    self.batch_size = batch_size
+    self.predictor = decode.Predictor(loaded.model, loaded.tokenizer, max_decode_len=max_decode_len)
+
+  def _generate(self, inputs, jobs):
+    out = []
+    for start in range(0, len(jobs), self.batch_size):
+      chunk = jobs[start:start + self.batch_size]
+      out += self.predictor.generate(self.loaded.params, inputs[[j.index for j in chunk]],
+                                     [j.prefix for j in chunk])
+    return out
+
+  def _objects(self, gen, height, width, masks):
+    """Generated output -> box entries (and RLE masks if `masks`)."""
+    parsed = loc_codec.parse_token_ids(gen["tokens"], self.loaded.tokenizer, require_seg=masks)
+    scores = confidence.box_scores(parsed, gen["token_logprobs"])
+    entries = [box_entry(o.box, o.name, s, height, width) for o, s in zip(parsed.objects, scores)]
+    if masks and parsed.objects:
+      seg = np.stack([o.seg_ids for o in parsed.objects])
+      boxes = np.stack([o.box for o in parsed.objects])
+      for entry, mask in zip(entries, self.loaded.seg_codec.decode(seg, boxes, height, width)):
+        entry["rle"] = mask_to_rle(mask)
+        entry["area"] = int(mask.sum())
+    return entries, parsed.n_invalid
+
+  def run(self, images):
+    """uint8 [H, W] radiographs -> one result dict per image (see the module docstring)."""
+    inputs = np.stack([model_input(im, self.loaded.image_size) for im in images])
+    jobs = task_jobs(len(images), self.tasks, self.loaded.class_names, self.prompts)
+    gens = self._generate(inputs, jobs)
+    results = [dict(height=int(im.shape[0]), width=int(im.shape[1]), model=self.loaded.provenance,
+                    generated={}) for im in images]
+    if "vqa" in self.tasks:
+      for r in results:
+        r["answers"] = []
+    if self.prompts:
+      for r in results:
+        r["prompts"] = []
+    for job, gen in zip(jobs, gens):
+      r, kind = results[job.index], job.key[0]
+      r["generated"][job.prefix] = gen["text"]
+      if kind == "diagnosis":
+        r["diagnosis"] = dict(text=gen["text"])
+      elif kind == "report":
+        r["report"] = gen["text"]
+      elif kind == "vqa":
+        r["answers"].append(dict(question=_question(job.prefix), answer=gen["text"]))
+      elif kind in ("detection", "segmentation"):
+        entries, invalid = self._objects(gen, r["height"], r["width"], kind == "segmentation")
+        r["boxes" if kind == "detection" else "masks"] = entries
+        r[f"{kind}_invalid_objects"] = invalid
+      else:
+        has_seg = "<seg" in gen["text"]
+        entries, _ = self._objects(gen, r["height"], r["width"], has_seg)
+        r["prompts"].append(dict(prompt=job.prefix, text=gen["text"], objects=entries))
+    if "diagnosis" in self.tasks:
+      probs = confidence.diagnosis_probabilities(self.predictor, self.loaded.params, inputs,
+                                                 [prompts_lib.DIAGNOSIS_PREFIX] * len(inputs))
+      label_of = {answer: label for label, answer in prompts_lib.DIAGNOSIS_ANSWERS.items()}
+      for i, r in enumerate(results):
+        p = {label_of[answer]: float(v[i]) for answer, v in probs.items()}
+        r["diagnosis"].update(label=max(p, key=p.get), probability_tb=p["tb"], probabilities=p)
+    return results
+
+
+# ----------------------------------------------------------------------------
+# The CLI.
+
+
+@dataclasses.dataclass
+class Summary:
+  done: list = dataclasses.field(default_factory=list)  # (path, json path)
+  failed: list = dataclasses.field(default_factory=list)  # (path, reason)
+  skipped: list = dataclasses.field(default_factory=list)  # (path, reason)
+
+  def lines(self):
+    out = [f"predicted {len(self.done)} image(s), {len(self.failed)} failed, "
+           f"{len(self.skipped)} skipped."]
+    out += [f"  FAILED  {r}" for _, r in self.failed]
+    out += [f"  skipped {p}: {r}" for p, r in self.skipped]
+    return out
+
+
+def predict_files(runner, files, out_dir, *, overlay=True, progress=True, log=sys.stderr):
+  """Predicts on `files` in batches; a file that fails is reported and the rest go on."""
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  summary = Summary()
+  ids = unique_ids(files)
+  bar = tqdm(total=len(files), unit="img", disable=not progress or len(files) < 2, file=log)
+  batch = []
+
+  def flush():
+    if not batch:
+      return
+    try:
+      results = runner.run([im for _, _, im in batch])
+    except Exception as e:  # pylint: disable=broad-except
+      if len(batch) == 1:  # Only this file's failure: name it and go on.
+        path = batch[0][0]
+        msg = f"{path}: prediction failed: {type(e).__name__}: {e}"
+        summary.failed.append((path, msg))
+        print(f"error: {msg}", file=log)
+        batch.clear()
+        return
+      items = list(batch)  # Retry one by one to find the file that fails.
+      batch.clear()
+      for item in items:
+        batch.append(item)
+        flush()
+      return
+    for (path, image_id, image), result in zip(batch, results):
+      result = dict(image=str(path), image_id=image_id, **result)
+      summary.done.append((path, write_outputs(out_dir, image_id, image, result, overlay)))
+    bar.update(len(batch))
+    batch.clear()
+
+  for path, image_id in zip(files, ids):
+    try:
+      image = read_checked(path)
+    except (PredictError, images_lib.ImageError, images_lib.DataPathError, OSError) as e:
+      msg = str(e) if str(path) in str(e) else f"{path}: {e}"
+      summary.failed.append((path, msg))
+      print(f"error: {msg}", file=log)
+      bar.update(1)
+      continue
+    batch.append((path, image_id, image))
+    if len(batch) == runner.batch_size:
+      flush()
+  flush()
+  bar.close()
+  return summary
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(prog="python -m big_vision_cxr.predict", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--checkpoint", required=True,
+                 help="our orbax workdir (or workdir/checkpoints/STEP) or a big_vision .npz")
+  p.add_argument("--config", help="the training config (file.py:args), e.g. configs/cxr_mix.py:demo")
+  p.add_argument("--model_variant", help="PaliGemma variant when there is no --config (e.g. demo)")
+  p.add_argument("--step", type=int, help="checkpoint step (default: the latest complete one)")
+  p.add_argument("--tokenizer", help=f"SentencePiece model (default: {DEMO_TOKENIZER.name})")
+  p.add_argument("--vqvae", help=f"VQ-VAE .npz (default: {seg_codec_lib.DEMO_VQVAE.name})")
+  p.add_argument("--classes", help="detection/segmentation class names, ';'-separated")
+  p.add_argument("--input", required=True, help="image, folder, or manifest .csv/.jsonl")
+  p.add_argument("--out", required=True, help="output folder for <id>.json and <id>.png")
+  p.add_argument("--tasks", default=",".join(TASKS),
+                 help="comma-separated subset of the five tasks; '' for none (only --prompt)")
+  p.add_argument("--prompt", action="append", default=[],
+                 help='an extra prompt, e.g. "answer en is there a cavity?" (repeatable)')
+  p.add_argument("--batch_size", type=int, default=8)
+  p.add_argument("--max_decode_len", type=int, default=64)
+  p.add_argument("--no_overlay", action="store_true", help="write the JSON only")
+  p.add_argument("--no_progress", action="store_true")
+  return p.parse_args(argv)
+
+
+def main(argv=None):
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  try:
+    inputs = collect_inputs(args.input)
+    config = None
+    if args.config:
+      from big_vision_cxr import config as config_lib  # pylint: disable=import-outside-toplevel
+      config = config_lib.load_config(args.config)
+    classes = [c.strip() for c in args.classes.split(";")] if args.classes else None
+    loaded = load(args.checkpoint, config=config, model_variant=args.model_variant,
+                  tokenizer=args.tokenizer, vqvae=args.vqvae, class_names=classes, step=args.step)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    runner = Runner(loaded, tasks=tasks, prompts=args.prompt, batch_size=args.batch_size,
+                    max_decode_len=args.max_decode_len)
+  except (PredictError, tokenizer_lib.TokenizerError, ValueError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  summary = predict_files(runner, inputs.files, args.out, overlay=not args.no_overlay,
+                          progress=not args.no_progress)
+  summary.skipped += inputs.skipped
+  print("\n".join(summary.lines()), file=sys.stderr)
+  return 1 if summary.failed else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -133,7 +133,8 @@ def _with_header(img, lines, font):
   if not lines:
     return img
   measure = ImageDraw.Draw(img)
-  lines = [w for l in lines for w in _wrap(measure, str(l), font, img.width - 16)]
+  lines = [w for l in lines for part in str(l).splitlines() or [""]
+           for w in _wrap(measure, part, font, img.width - 16)]
   heights = [measure.textbbox((0, 0), l or " ", font=font) for l in lines]
   band = sum(b[3] - b[1] + 8 for b in heights) + 8
   out = Image.new("RGB", (img.width, img.height + band), HEADER_BG)

@@ -74,3 +74,187 @@ def test_rle_round_trip_and_box_entry():
   entry = predict.box_entry(np.float32([0.1, 0.2, 0.5, 1.0]), "active tb", 0.75, 200, 300)
   assert entry["bbox_pixels"] == [20.0, 60.0, 100.0, 300.0]
   assert entry["label"] == "active tb" and entry["score"] == 0.75
+
+
+# ---------------------------------------------------------------- the model side
+
+import pathlib
+import shutil
+
+import jax
+
+from big_vision_cxr import checkpointing
+from big_vision_cxr import npz
+from big_vision_cxr.data import images as images_lib
+from big_vision_cxr.data import phantom
+from big_vision_cxr.models import paligemma
+from big_vision_cxr.models import vqvae
+
+VARIANT = "demo"  # 64 px images, vocab 2152 = the demo tokenizer's.
+DECODE_LEN = 24  # one object with a mask is 4 + 16 + ~3 name tokens
+
+
+def _save_png(path, image):
+  from PIL import Image
+  path.parent.mkdir(parents=True, exist_ok=True)
+  Image.fromarray(image).save(path)
+  return path
+
+
+def write_dicom(path, image, monochrome1=False):
+  """uint8 [H,W] -> 16-bit DICOM whose window maps back to exactly `image`."""
+  import pydicom
+  from pydicom.dataset import FileMetaDataset
+  from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+  stored = (255 - image if monochrome1 else image).astype(np.uint16) * 257  # 0..65535
+  meta = FileMetaDataset()
+  meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+  meta.MediaStorageSOPInstanceUID = generate_uid()
+  meta.TransferSyntaxUID = ExplicitVRLittleEndian
+  ds = pydicom.Dataset()
+  ds.file_meta = meta
+  ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+  ds.Modality = "DX"
+  ds.PhotometricInterpretation = "MONOCHROME1" if monochrome1 else "MONOCHROME2"
+  ds.Rows, ds.Columns = image.shape
+  ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 16, 16, 15
+  ds.PixelRepresentation = 0
+  ds.RescaleSlope, ds.RescaleIntercept = 1, 0
+  # DICOM linear window: ((x - (c - 0.5)) / (w - 1) + 0.5) * 255 = x / 257 for these values.
+  ds.WindowCenter, ds.WindowWidth = 32768, 65536
+  ds.PixelData = stored.tobytes()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  ds.save_as(path, enforce_file_format=True)
+  return path
+
+
+def random_params(shapes, seed, scale=0.05):
+  """Random numpy params shaped like `shapes` (fast: no flax init on a busy CPU)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: (rng.standard_normal(s.shape) * scale).astype(s.dtype), shapes)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+  """A random `demo` PaliGemma (.npz and an orbax workdir) and a random VQ-VAE."""
+  folder = tmp_path_factory.mktemp("assets")
+  params = random_params(paligemma.param_shapes(paligemma.get_config(VARIANT)), seed=1)
+  npz.save_npz(params, folder / "model.npz")
+  ckpt = checkpointing.Checkpointer(folder / "workdir", async_save=False)
+  ckpt.save(7, {"step": np.int32(7), "params": params, "opt": {"mu": params}})
+  ckpt.close()
+  vq_shapes = jax.eval_shape(lambda k: vqvae.Model(vqvae.Config()).init(
+      k, np.zeros((1, vqvae.MASK_SIZE, vqvae.MASK_SIZE), np.float32))["params"], jax.random.PRNGKey(0))
+  vqvae.save_npz(random_params(vq_shapes, seed=2, scale=0.2), folder / "vqvae.npz")
+  return dict(npz=folder / "model.npz", workdir=folder / "workdir", vqvae=folder / "vqvae.npz",
+              params=params)
+
+
+@pytest.fixture(scope="module")
+def runner(assets):
+  loaded = predict.load(assets["npz"], model_variant=VARIANT, vqvae=assets["vqvae"],
+                        class_names=phantom.CLASS_NAMES)
+  return predict.Runner(loaded, batch_size=4, max_decode_len=DECODE_LEN)
+
+
+def test_orbax_workdir_and_npz_load_the_same_params(assets):
+  params, step = predict.restore_params(assets["workdir"])
+  assert step == 7
+  flat, want = npz.flatten(params), npz.flatten(assets["params"])
+  assert flat.keys() == want.keys()
+  for k in want:
+    np.testing.assert_array_equal(np.asarray(flat[k]), want[k], err_msg=k)
+  loaded = predict.load(assets["workdir"], model_variant=VARIANT, vqvae=assets["vqvae"])
+  assert loaded.provenance["step"] == 7 and loaded.provenance["model_variant"] == VARIANT
+  with pytest.raises(predict.PredictError, match="no complete checkpoint"):
+    predict.restore_params(assets["workdir"].parent)
+
+
+def _outputs(out_dir):
+  """{image_id: result without the fields naming the file} for every JSON in out_dir."""
+  out = {}
+  for p in sorted(pathlib.Path(out_dir).glob("*.json")):
+    d = json.loads(p.read_text())
+    out[d["image_id"]] = {k: v for k, v in d.items() if k not in ("image", "image_id")}
+  return out
+
+
+def test_all_tasks_json_and_overlay(runner, tmp_path):
+  images = [phantom.generate(i, size=96).image for i in range(3)]
+  files = [_save_png(tmp_path / "in" / f"p{i}.png", im) for i, im in enumerate(images)]
+  summary = predict.predict_files(runner, files, tmp_path / "out", progress=False)
+  assert not summary.failed and len(summary.done) == 3
+  res = _outputs(tmp_path / "out")["p1"]
+  assert (res["height"], res["width"]) == (96, 96)
+  diag = res["diagnosis"]
+  assert set(diag["probabilities"]) == {"tb", "normal", "sick_non_tb"}
+  assert abs(sum(diag["probabilities"].values()) - 1) < 1e-5
+  assert diag["probability_tb"] == diag["probabilities"]["tb"]
+  assert diag["label"] == max(diag["probabilities"], key=diag["probabilities"].get)
+  from big_vision_cxr.data import prompts
+  questions = [q[len("answer en "):] for q in (*prompts.CLOSED_QUESTIONS, *prompts.OPEN_QUESTIONS)]
+  assert [a["question"] for a in res["answers"]] == questions
+  assert set(res["generated"]) == {prompts.DIAGNOSIS_PREFIX, prompts.REPORT_PREFIX,
+                                   *prompts.CLOSED_QUESTIONS, *prompts.OPEN_QUESTIONS,
+                                   prompts.detect_prefix(phantom.CLASS_NAMES),
+                                   prompts.segment_prefix(phantom.CLASS_NAMES)}
+  assert res["report"] == res["generated"][prompts.REPORT_PREFIX]
+  assert isinstance(res["boxes"], list) and isinstance(res["masks"], list)
+  assert res["model"]["model_variant"] == VARIANT
+  from PIL import Image
+  with Image.open(tmp_path / "out" / "p1.png") as im:
+    assert im.width == 96 and im.height > 96  # the header band with the diagnosis
+
+
+def test_objects_from_generated_tokens(runner):
+  """Boxes (normalised and pixels), scores and RLE masks from a crafted generation."""
+  tok = runner.loaded.tokenizer
+  seg = np.arange(16) * 7 % 128
+  text = ("<loc0100><loc0200><loc0500><loc0600>" + "".join(f"<seg{s:03d}>" for s in seg)
+          + " active tb ; <loc0000><loc0010><loc1023><loc0020>")  # the second has no name
+  tokens = tok.encode(text) + [tok.eos_id]
+  logprobs = np.linspace(-0.1, -2.0, len(tokens)).tolist()
+  entries, invalid = runner._objects(dict(tokens=tokens, token_logprobs=logprobs), 300, 400, True)
+  assert invalid == 1 and len(entries) == 1
+  e = entries[0]
+  np.testing.assert_allclose(e["bbox"], np.array([100, 200, 500, 600]) / 1023, rtol=1e-6)
+  np.testing.assert_allclose(e["bbox_pixels"], np.round([100 / 1023 * 300, 200 / 1023 * 400,
+                                                         500 / 1023 * 300, 600 / 1023 * 400], 2))
+  assert e["label"] == "active tb" and 0 < e["score"] <= 1
+  want = runner.loaded.seg_codec.decode(seg[None], np.array([e["bbox"]]), 300, 400)[0]
+  np.testing.assert_array_equal(predict.rle_to_mask(e["rle"]), want)
+  assert e["area"] == want.sum()
+
+
+def test_prompt_only(runner, assets, tmp_path):
+  only = predict.Runner(runner.loaded, tasks=(), prompts=("answer en is there a cavity?",),
+                        batch_size=4, max_decode_len=DECODE_LEN)
+  only.predictor = runner.predictor  # reuse the compiled functions
+  path = _save_png(tmp_path / "a.png", phantom.generate(0, size=64).image)
+  predict.predict_files(only, [path], tmp_path / "out", progress=False)
+  res = _outputs(tmp_path / "out")["a"]
+  assert list(res["generated"]) == ["answer en is there a cavity?"]
+  assert res["prompts"][0]["text"] == res["generated"]["answer en is there a cavity?"]
+  assert "diagnosis" not in res and "boxes" not in res
+  with pytest.raises(predict.PredictError, match="unknown tasks"):
+    predict.Runner(runner.loaded, tasks=("diagnosis", "ocr"))
+
+
+def test_real_png_and_its_dicoms_give_the_same_outputs(runner, tbx11k_dir, nih_dir, tmp_path):
+  """The same pixels as PNG, MONOCHROME2 and MONOCHROME1 16-bit DICOM -> identical outputs."""
+  src = sorted((tbx11k_dir / "TBX11K" / "imgs" / "tb").glob("*.png"))[0]
+  image = images_lib.read_image(src)
+  folder = tmp_path / "in"
+  folder.mkdir()
+  shutil.copy(src, folder / "a_png.png")
+  write_dicom(folder / "b_mono2.dcm", image)
+  write_dicom(folder / "c_mono1", image, monochrome1=True)  # no suffix, like many PACS exports
+  nih = sorted((nih_dir / "images").glob("*.png"))[0]
+  shutil.copy(nih, folder / "d_nih.png")
+  for name in ("b_mono2.dcm", "c_mono1"):
+    np.testing.assert_array_equal(predict.read_checked(folder / name), image)
+  summary = predict.predict_files(runner, sorted(folder.iterdir()), tmp_path / "out", progress=False)
+  assert not summary.failed and len(summary.done) == 4
+  out = _outputs(tmp_path / "out")
+  assert out["a_png"] == out["b_mono2"] == out["c_mono1"]
+  assert out["d_nih"]["height"] == 1024 and out["d_nih"]["generated"] != {}

@@ -62,6 +62,8 @@ def test_long_header_wraps_inside_width():
   long = visualize.overlay(_grey(), header=["report: " + "bilateral upper zone opacities " * 8])
   assert long.width == short.width == 300
   assert long.height > short.height + 20
+  two = visualize.overlay(_grey(), header=["report: line one\nline two"])  # model text may hold "\n"
+  assert two.height > short.height + 10
 
 
 def test_large_image_is_shrunk_to_max_side():
