@@ -190,7 +190,10 @@ def load_npz(path):
   except (OSError, ValueError) as e:
     raise VQVAEFileError(f"{path}: cannot read as a .npz of plain arrays ({e}).") from e
   cfg = _config_from_shapes(arrays, path)
-  model, template = init(cfg)
+  model = Model(cfg)
+  # Shapes only: an eager flax init takes tens of seconds on a busy CPU.
+  template = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, MASK_SIZE, MASK_SIZE)))["params"],
+                            jax.random.PRNGKey(0))
   params = {"codebook": arrays[CODEBOOK_KEY].astype(np.float32), "encoder": {}, "decoder": {}}
   for prefix, tree_path, _ in _key_map():
     node_t, node = template, params
