@@ -334,10 +334,14 @@ def check_size(path):
       import pydicom  # pylint: disable=import-outside-toplevel
       ds = pydicom.dcmread(path, stop_before_pixels=True)
       height, width = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+      if not height or not width:
+        raise images_lib.ImageError(f"{path}: DICOM header has no Rows/Columns: no image in it.")
     else:
       from PIL import Image  # pylint: disable=import-outside-toplevel
       with Image.open(path) as im:
         width, height = im.size
+  except images_lib.ImageError:
+    raise
   except Exception as e:  # pylint: disable=broad-except
     raise images_lib.ImageError(f"{path}: not a readable image: {type(e).__name__}: {e}") from e
   if height * width > MAX_PIXELS:
@@ -460,9 +464,10 @@ class Summary:
     return out
 
 
-def predict_files(runner, files, out_dir, *, overlay=True, progress=True, log=sys.stderr):
+def predict_files(runner, files, out_dir, *, overlay=True, progress=True, log=None):
   """Predicts on `files` in batches; a file that fails is reported and the rest go on."""
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  log = log or sys.stderr
   summary = Summary()
   ids = unique_ids(files)
   bar = tqdm(total=len(files), unit="img", disable=not progress or len(files) < 2, file=log)

@@ -258,3 +258,34 @@ def test_real_png_and_its_dicoms_give_the_same_outputs(runner, tbx11k_dir, nih_d
   out = _outputs(tmp_path / "out")
   assert out["a_png"] == out["b_mono2"] == out["c_mono1"]
   assert out["d_nih"]["height"] == 1024 and out["d_nih"]["generated"] != {}
+
+
+def test_cli_bad_inputs_named_rest_processed_nonzero_exit(assets, tmp_path, monkeypatch, capsys):
+  folder = tmp_path / "in"
+  good = _save_png(folder / "good.png", phantom.generate(3, size=96).image)
+  blob = good.read_bytes()
+  (folder / "truncated.png").write_bytes(blob[:len(blob) // 3])
+  (folder / "text.png").write_text("this is not an image")
+  (folder / "garbage.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x01" * 50)
+  _save_png(folder / "one_pixel.png", np.zeros((1, 1), np.uint8))
+  _save_png(folder / "huge.png", np.zeros((200, 200), np.uint8))
+  (folder / "notes.txt").write_text("skipped, not an error")
+  monkeypatch.setattr(predict, "MAX_PIXELS", 150 * 150)
+  argv = ["--checkpoint", str(assets["npz"]), "--model_variant", VARIANT, "--vqvae", str(assets["vqvae"]),
+          "--input", str(folder), "--out", str(tmp_path / "out"), "--tasks", "",
+          "--prompt", "caption en", "--max_decode_len", "8", "--no_progress"]
+  assert predict.main(argv) == 1
+  err = capsys.readouterr().err
+  for name, reason in [("truncated.png", "cannot"), ("text.png", "not a readable image"),
+                       ("garbage.dcm", "DICOM"), ("one_pixel.png", "smaller than 32 pixels"),
+                       ("huge.png", "over the limit of 22500 pixels")]:
+    assert any(name in line and reason in line for line in err.splitlines() if line.startswith("error:")), name
+    assert any(name in line for line in err.splitlines() if "FAILED" in line), name
+  assert "predicted 1 image(s), 5 failed, 1 skipped." in err
+  assert "notes.txt" in err
+  assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.json", "good.png"]
+  # Nothing to do at all: exit status 2 and the folder named.
+  (tmp_path / "empty").mkdir()
+  argv[argv.index("--input") + 1] = str(tmp_path / "empty")
+  assert predict.main(argv) == 2
+  assert "holds no image files" in capsys.readouterr().err
