@@ -18,8 +18,9 @@ from big_vision_cxr.models import paligemma
 
 def hf2bv(hf_dir, out, bf16=False):
   """Reads a save_pretrained directory, writes our .npz; returns our model config."""
-  params = hf_interop.params_from_hf(hf_dir)
-  config = hf_interop.config_from_hf(hf_interop.read_hf_dir(hf_dir)[1])
+  state_dict, hf_config = hf_interop.read_hf_dir(hf_dir)
+  config = hf_interop.config_from_hf(hf_config)
+  params = hf_interop.params_from_hf(state_dict, config)
   if bf16:
     params = {k: v.astype(ml_dtypes.bfloat16) for k, v in npz.flatten(params).items()}
     params = npz.unflatten(params)

@@ -161,52 +161,64 @@ def params_from_hf(state_dict_or_dir, config=None):
   sd = {k: _to_numpy(v) for k, v in _normalise_keys(state_dict).items()}
   used = set()
 
-  def take(key):
+  def take(key, shape):
     if key not in sd:
       raise CheckpointError(f"HF weights lack {key.split('.', 1)[1]!r} ({key.split('.')[0]}).")
+    if shape is not None and sd[key].shape != shape:
+      raise CheckpointError(f"HF weight {key.split('.', 1)[1]!r} has shape {sd[key].shape}, "
+                            f"the config needs {shape}.")
     used.add(key)
     return sd[key]
 
   img, llm = config["img"], config["llm"]
-  c, heads = img["width"], img["num_heads"]
+  c, heads, f, patch = img["width"], img["num_heads"], img["mlp_dim"], img["patch_size"]
+  tokens = (img["image_size"] // patch) ** 2
+  n, k, h, d, g = (llm["num_heads"], llm["num_kv_heads"], llm["head_dim"], llm["width"],
+                   llm["mlp_dim"])
   p = {}
   v = "vision."
-  p["img/embedding/kernel"] = take(v + "embeddings.patch_embedding.weight").transpose(2, 3, 1, 0)
-  p["img/embedding/bias"] = take(v + "embeddings.patch_embedding.bias")
-  p["img/pos_embedding"] = take(v + "embeddings.position_embedding.weight")[None]
-  p["img/Transformer/encoder_norm/scale"] = take(v + "post_layernorm.weight")
-  p["img/Transformer/encoder_norm/bias"] = take(v + "post_layernorm.bias")
-  p["img/head/kernel"] = take("projector.linear.weight").T
-  p["img/head/bias"] = take("projector.linear.bias")
+  p["img/embedding/kernel"] = take(v + "embeddings.patch_embedding.weight",
+                                   (c, 3, patch, patch)).transpose(2, 3, 1, 0)
+  p["img/embedding/bias"] = take(v + "embeddings.patch_embedding.bias", (c,))
+  p["img/pos_embedding"] = take(v + "embeddings.position_embedding.weight", (tokens, c))[None]
+  p["img/Transformer/encoder_norm/scale"] = take(v + "post_layernorm.weight", (c,))
+  p["img/Transformer/encoder_norm/bias"] = take(v + "post_layernorm.bias", (c,))
+  p["img/head/kernel"] = take("projector.linear.weight", (d, c)).T
+  p["img/head/bias"] = take("projector.linear.bias", (d,))
   vit_layers = []
   for i in range(img["depth"]):
-    t = lambda name: take(f"{v}encoder.layers.{i}.{name}")
+    t = lambda name, shape: take(f"{v}encoder.layers.{i}.{name}", shape)
     layer = {
-        "LayerNorm_0/scale": t("layer_norm1.weight"), "LayerNorm_0/bias": t("layer_norm1.bias"),
-        "LayerNorm_1/scale": t("layer_norm2.weight"), "LayerNorm_1/bias": t("layer_norm2.bias"),
-        "MlpBlock_0/Dense_0/kernel": t("mlp.fc1.weight").T, "MlpBlock_0/Dense_0/bias": t("mlp.fc1.bias"),
-        "MlpBlock_0/Dense_1/kernel": t("mlp.fc2.weight").T, "MlpBlock_0/Dense_1/bias": t("mlp.fc2.bias"),
-        "MultiHeadDotProductAttention_0/out/kernel": t("self_attn.out_proj.weight").T.reshape(heads, -1, c),
-        "MultiHeadDotProductAttention_0/out/bias": t("self_attn.out_proj.bias"),
+        "LayerNorm_0/scale": t("layer_norm1.weight", (c,)),
+        "LayerNorm_0/bias": t("layer_norm1.bias", (c,)),
+        "LayerNorm_1/scale": t("layer_norm2.weight", (c,)),
+        "LayerNorm_1/bias": t("layer_norm2.bias", (c,)),
+        "MlpBlock_0/Dense_0/kernel": t("mlp.fc1.weight", (f, c)).T,
+        "MlpBlock_0/Dense_0/bias": t("mlp.fc1.bias", (f,)),
+        "MlpBlock_0/Dense_1/kernel": t("mlp.fc2.weight", (c, f)).T,
+        "MlpBlock_0/Dense_1/bias": t("mlp.fc2.bias", (c,)),
+        "MultiHeadDotProductAttention_0/out/kernel":
+            t("self_attn.out_proj.weight", (c, c)).T.reshape(heads, -1, c),
+        "MultiHeadDotProductAttention_0/out/bias": t("self_attn.out_proj.bias", (c,)),
     }
     for ours, theirs in (("query", "q"), ("key", "k"), ("value", "v")):
       mha = "MultiHeadDotProductAttention_0/" + ours
-      layer[mha + "/kernel"] = t(f"self_attn.{theirs}_proj.weight").T.reshape(c, heads, -1)
-      layer[mha + "/bias"] = t(f"self_attn.{theirs}_proj.bias").reshape(heads, -1)
+      layer[mha + "/kernel"] = t(f"self_attn.{theirs}_proj.weight", (c, c)).T.reshape(c, heads, -1)
+      layer[mha + "/bias"] = t(f"self_attn.{theirs}_proj.bias", (c,)).reshape(heads, -1)
     vit_layers.append(layer)
   for name in vit_layers[0]:
     p["img/Transformer/encoderblock/" + name] = np.stack([l[name] for l in vit_layers])
 
   x = "text."
-  n, k, h, d = llm["num_heads"], llm["num_kv_heads"], llm["head_dim"], llm["width"]
-  embedding = take(x + "embed_tokens.weight")
-  _require(embedding.shape[0] >= llm["vocab_size"], f"HF embed_tokens has {embedding.shape[0]} "
-           f"rows, fewer than the vocabulary size {llm['vocab_size']}.")
+  embedding = take(x + "embed_tokens.weight", None)
+  _require(embedding.ndim == 2 and embedding.shape[0] >= llm["vocab_size"]
+           and embedding.shape[1] == d, f"HF embed_tokens has shape {embedding.shape}, the config "
+           f"needs ({llm['vocab_size']} or more, {d}).")
   p["llm/embedder/input_embedding"] = embedding[:llm["vocab_size"]]
   if "lm_head.weight" in sd:
-    _require(np.array_equal(take("lm_head.weight"), embedding),
+    _require(np.array_equal(take("lm_head.weight", embedding.shape), embedding),
              "HF lm_head.weight differs from embed_tokens.weight: untied heads are not supported.")
-  p["llm/final_norm/scale"] = take(x + "norm.weight")
+  p["llm/final_norm/scale"] = take(x + "norm.weight", (d,))
   gemma2 = bool(llm.get("post_norms", False))
   norms = {"pre_attention_norm": "input_layernorm"}
   if gemma2:
@@ -217,18 +229,19 @@ def params_from_hf(state_dict_or_dir, config=None):
     norms.update(pre_ffw_norm="post_attention_layernorm")  # HF Gemma 1's name for it.
   llm_layers = []
   for i in range(llm["depth"]):
-    t = lambda name: take(f"{x}layers.{i}.{name}")
+    t = lambda name, shape: take(f"{x}layers.{i}.{name}", shape)
     heads_in = lambda w, m: w.reshape(m, h, d).transpose(0, 2, 1)  # (m*H, D) -> (m, D, H)
     layer = {
-        "attn/q_einsum/w": heads_in(t("self_attn.q_proj.weight"), n),
-        "attn/kv_einsum/w": np.stack([heads_in(t("self_attn.k_proj.weight"), k),
-                                      heads_in(t("self_attn.v_proj.weight"), k)]),
-        "attn/attn_vec_einsum/w": t("self_attn.o_proj.weight").T.reshape(n, h, d),
-        "mlp/gating_einsum": np.stack([t("mlp.gate_proj.weight").T, t("mlp.up_proj.weight").T]),
-        "mlp/linear": t("mlp.down_proj.weight").T,
+        "attn/q_einsum/w": heads_in(t("self_attn.q_proj.weight", (n * h, d)), n),
+        "attn/kv_einsum/w": np.stack([heads_in(t("self_attn.k_proj.weight", (k * h, d)), k),
+                                      heads_in(t("self_attn.v_proj.weight", (k * h, d)), k)]),
+        "attn/attn_vec_einsum/w": t("self_attn.o_proj.weight", (d, n * h)).T.reshape(n, h, d),
+        "mlp/gating_einsum": np.stack([t("mlp.gate_proj.weight", (g, d)).T,
+                                       t("mlp.up_proj.weight", (g, d)).T]),
+        "mlp/linear": t("mlp.down_proj.weight", (d, g)).T,
     }
     for ours, theirs in norms.items():
-      layer[ours + "/scale"] = t(theirs + ".weight")
+      layer[ours + "/scale"] = t(theirs + ".weight", (d,))
     llm_layers.append(layer)
   for name in llm_layers[0]:
     p["llm/layers/" + name] = np.stack([l[name] for l in llm_layers])

@@ -1,7 +1,7 @@
 """Tiny random HF PaliGemma models (float32, eager attention) and how to run them like ours.
 
 Shared by the HF parity tests (models, checkpoint conversion, greedy generation):
-  from tests.hf_utils import make_hf_model, hf_text_logits, ...
+  import hf_utils  # pytest puts tests/ on sys.path (no tests/__init__.py, on purpose)
 Our matching configs are `paligemma.get_config("tiny")` (PG1) and `"tiny_pg2"` (PG2);
 the HF configs below are written by hand so that the config conversion is tested too.
 """
