@@ -269,3 +269,42 @@ def test_predictor_errors(predictor_setup):
     pred.score(params, images[:1], ["a"], ["word " * 10])
   with pytest.raises(decode.DecodeError, match="list of str"):
     pred.score(params, images[:1], ["a"], [3])
+
+
+@pytest.mark.parametrize("kind", ["pg1", "pg2"])
+def test_greedy_matches_hf_generate(kind):
+  """32 new tokens, token for token, against HF `generate` on the same random weights.
+
+  HF numbers positions from 1 during generation, we from 0: RoPE only sees offsets,
+  so the logits agree to float rounding and so do the greedy tokens. HF's vocabulary is
+  exactly ours (no padding rows, which HF could otherwise pick) and eos_token_id=-1 on
+  both sides so neither stops early."""
+  torch = pytest.importorskip("torch")
+  hf_utils = pytest.importorskip("hf_utils")
+  from big_vision_cxr import hf_interop  # pylint: disable=import-outside-toplevel
+  hf = hf_utils.make_hf_model(kind, seed=1, extra_vocab_rows=0)
+  with torch.no_grad():  # Sharper than the default random weights: no repeated-token loops.
+    for name, p in hf.named_parameters():
+      if "embed_tokens" in name:
+        p.mul_(0.2)
+      elif "language_model" in name and "norm" not in name:
+        p.mul_(3.0)
+  cfg = pg.get_config(hf_utils.OUR_VARIANT[kind])
+  params = hf_interop.params_from_hf(hf.state_dict(), config=cfg)
+  image, text, mask_ar = hf_utils.random_inputs(batch=2, prefix_len=6, suffix_len=0, seed=1)
+  text[:, -1] = 108  # BOS, prompt, "\n".
+  steps = 32
+  ours, logps = jax.device_get(decode.make_generate_fn(pg.Model(**cfg), max_decode_len=steps, eos_id=-1)(
+      params, image, text, text != 0, None))
+  inputs = hf_utils.hf_inputs(hf, image, text, mask_ar)
+  del inputs["position_ids"]  # HF's own (1-indexed) generation positions.
+  with torch.no_grad():
+    out = hf.generate(**inputs, max_new_tokens=steps, do_sample=False, eos_token_id=-1,
+                      pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+  theirs = out.sequences[:, inputs["input_ids"].shape[1]:].numpy()
+  assert theirs.shape == (2, steps)
+  np.testing.assert_array_equal(ours, theirs)
+  hf_logp = torch.stack(out.scores, 1).log_softmax(-1).numpy()
+  np.testing.assert_allclose(logps, np.take_along_axis(hf_logp, theirs[..., None], -1)[..., 0],
+                             atol=1e-4)
+  assert min(len(set(row)) for row in ours.tolist()) > 16  # Varied text, not one repeated token.
