@@ -14,9 +14,10 @@ VOCAB = 2304  # Our tiny vocabulary; `<image>` is id VOCAB, as 257152 is for the
 OUR_VARIANT = {"pg1": "tiny", "pg2": "tiny_pg2"}
 
 
-def hf_config(kind, extra_vocab_rows=64):
+def hf_config(kind, extra_vocab_rows=64, query_pre_attn_scalar=12):
   """PG1: Gemma 1, MQA (1 KV head), heads*head_dim = 48 != hidden 32.
-  PG2: Gemma 2, GQA (2 KV heads), attention/final softcaps, post-norms.
+  PG2: Gemma 2, GQA (2 KV heads), attention/final softcaps, post-norms; queries scaled by
+  query_pre_attn_scalar**-0.5 (head_dim 12 here; hidden/heads = 8 is the 27B-style scaling).
   `extra_vocab_rows` mimics the hub's padded embedding (the <image> row and padding)."""
   text = dict(vocab_size=VOCAB + extra_vocab_rows, hidden_size=32, intermediate_size=48,
               num_hidden_layers=2, num_attention_heads=4, head_dim=12,
@@ -24,7 +25,7 @@ def hf_config(kind, extra_vocab_rows=64):
   if kind == "pg1":
     text.update(model_type="gemma", num_key_value_heads=1)
   elif kind == "pg2":
-    text.update(model_type="gemma2", num_key_value_heads=2, query_pre_attn_scalar=12,
+    text.update(model_type="gemma2", num_key_value_heads=2, query_pre_attn_scalar=query_pre_attn_scalar,
                 attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4096)
   else:
     raise ValueError(kind)
@@ -35,10 +36,10 @@ def hf_config(kind, extra_vocab_rows=64):
                          projection_dim=32, hidden_size=32)
 
 
-def make_hf_model(kind, seed=0, extra_vocab_rows=64):
+def make_hf_model(kind, seed=0, **config_kwargs):
   """A float32 eager HF model with every weight random (norm scales too), in eval mode."""
   torch.manual_seed(seed)
-  model = PaliGemmaForConditionalGeneration(hf_config(kind, extra_vocab_rows))
+  model = PaliGemmaForConditionalGeneration(hf_config(kind, **config_kwargs))
   with torch.no_grad():
     for name, param in model.named_parameters():
       std = 0.5 if "norm" in name else 0.15

@@ -50,6 +50,18 @@ def test_logits_match_hf_after_import(case):
   assert diff < TOL
 
 
+def test_gemma2_27b_style_query_scaling_matches_hf():
+  hf_model = hf_utils.make_hf_model("pg2", seed=1, query_pre_attn_scalar=8)  # hidden 32 / 4 heads.
+  cfg = hf_interop.config_from_hf(hf_model.config.to_dict())
+  assert cfg.llm.query_pre_attn_norm == "rsqrt_emb_per_head"
+  params = hf_interop.params_from_hf(hf_model.state_dict(), cfg)
+  inputs = hf_utils.random_inputs(seed=1)
+  ours, _ = pg.Model(**cfg.to_dict()).apply({"params": params}, *inputs)
+  assert _max_diff(ours, hf_utils.hf_text_logits(hf_model, *inputs)) < TOL
+  with pytest.raises(npz.CheckpointError, match="query_pre_attn_scalar 5"):
+    hf_interop.config_from_hf(hf_utils.make_hf_model("pg2", query_pre_attn_scalar=5).config.to_dict())
+
+
 def test_ours_to_hf_to_ours(case, tmp_path):
   _, hf_model, _, cfg, params, forward, inputs = case
   hf_interop.save_hf(params, cfg, tmp_path)
