@@ -149,6 +149,24 @@ def total_steps(config, data_size=None):
   return -(-int(config.total_epochs * data_size) // batch)
 
 
+def _validate_pp(config):
+  """Every op in config.input.pp_image is a registered preprocessing op."""
+  from big_vision_cxr.pp import builder  # pylint: disable=g-import-not-at-top
+  from big_vision_cxr.registry import PP_OPS  # pylint: disable=g-import-not-at-top
+  spec = config.input.get("pp_image")
+  if not spec:
+    return
+  try:
+    ops = builder.parse(spec)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConfigError(f"config.input.pp_image={spec!r}: {e}") from None
+  for op in ops:
+    try:
+      PP_OPS.get(op[0])
+    except KeyError as e:
+      raise ConfigError(f"config.input.pp_image={spec!r}: {e.args[0]}") from None
+
+
 def validate(config):
   """Checks that need no devices or params: duration, names of models, evaluators, tasks."""
   from big_vision_cxr.registry import EVALUATORS, MODELS  # pylint: disable=g-import-not-at-top
@@ -168,7 +186,11 @@ def validate(config):
       raise ConfigError(f"config.evals.{name}.type: {e.args[0]}") from None
   if config.get("label_smoothing", 0.0) < 0 or config.get("label_smoothing", 0.0) >= 1:
     raise ConfigError(f"config.label_smoothing must be in [0, 1), got {config.label_smoothing}.")
-  if config.get("model_init") and not config.get("model_init_allow_missing", False):
+  _validate_pp(config)
+  if config.get("tokenizer") and not pathlib.Path(config.tokenizer).is_file():
+    raise ConfigError(f"config.tokenizer={config.tokenizer!r}: file not found (a SentencePiece "
+                      f".model; set --config.tokenizer=... or the BVCXR_TOKENIZER env var).")
+  if config.get("model_init"):
     init_file = str(config.model_init).split(":")[0]
     if not pathlib.Path(init_file).is_file():
       raise ConfigError(

@@ -216,14 +216,18 @@ def make_train_iter(config, tokenizer, seg_codec):
 
 
 def make_seg_codec(config):
-  if not config.get("seg_codec"):
+  """The VQ-VAE codec when the tasks include segmentation (config.input.seg_codec; None = demo)."""
+  if "segmentation" not in tuple(config.input.get("tasks", TASKS)):
     return None
   from big_vision_cxr import seg_codec as seg_codec_lib  # pylint: disable=g-import-not-at-top
-  return seg_codec_lib.from_config(config.seg_codec)
+  return seg_codec_lib.from_config(config.input.get("seg_codec"))
 
 
-def make_evaluators(config, model, tokenizer, seg_codec, lora_cfg):
-  """{name: (evaluator, every_n_steps)} from config.evals (see docs/TRAINING.md)."""
+def make_evaluators(config, model, tokenizer, seg_codec):
+  """{name: (evaluator, every_n_steps)} from config.evals (docs/EVALUATION.md).
+
+  every_n_steps = 0 or None: only at the end of training.
+  """
   if not config.get("evals"):
     return {}
   from big_vision_cxr import decode  # pylint: disable=g-import-not-at-top
@@ -237,9 +241,37 @@ def make_evaluators(config, model, tokenizer, seg_codec, lora_cfg):
                                      batch_size=ev.pop("batch_size", 8), tokenizer=tokenizer,
                                      seg_codec=seg_codec)
     every = ev.pop("log_steps", None)
-    evaluator = EVALUATORS.get(ev.pop("type"))(predictor, data, **ev)
-    out[name] = (evaluator, every)
+    kind = ev.pop("type")
+    if kind == "segmentation" and seg_codec is not None:
+      ev.setdefault("seg_codec", seg_codec)
+    out[name] = (EVALUATORS.get(kind)(predictor, data, **ev), every)
   return out
+
+
+def trivial_records(records, task, majority):
+  """The records with each prediction replaced by a trivial one (see trivial_baselines)."""
+  out = []
+  for r in records:
+    r = dict(r)
+    if task in ("detection", "segmentation"):
+      r.update(prediction="", objects=[], n_invalid=0)
+    else:
+      r["prediction"] = majority.get((task, r.get("prefix")), majority.get((task, None), ""))
+      if "p_tb" in r:
+        r["p_tb"] = 0.5
+    out.append(r)
+  return out
+
+
+def majority_answers(units):
+  """{(task, prefix): most common training suffix} and {(task, None): per task} from examples."""
+  by_prefix, by_task = collections.defaultdict(collections.Counter), collections.defaultdict(
+      collections.Counter)
+  for examples in units.values():
+    for ex in examples:
+      by_prefix[(ex.task, ex.prefix)][ex.suffix] += 1
+      by_task[(ex.task, None)][ex.suffix] += 1
+  return {k: c.most_common(1)[0][0] for k, c in {**by_prefix, **by_task}.items()}
 
 
 def model_params(params, lora_cfg):
@@ -307,12 +339,22 @@ def train(config, workdir):
   update = jax.jit(make_update_fn(loss_fn, tx, mask, config, sched_fns),
                    in_shardings=(state_sharding, sharding.batch_sharding(mesh), repl),
                    out_shardings=(state_sharding, repl), donate_argnums=(0,))
-  evaluators = make_evaluators(config, model, tokenizer, seg_codec, lora_cfg)
+  evaluators = make_evaluators(config, model, tokenizer, seg_codec)
   writer = MetricWriter(workdir)
   summary = _loop(config, state, update, train_iter, mesh, ckpt, evaluators, writer,
                   rng_train, total_steps, lora_cfg)
   ckpt.close()
   writer.close()
+  if config.get("baseline_table") and summary["records"]:
+    rows, text = baseline_table(config, evaluators, summary["records"], summary["eval"],
+                                train_iter)
+    summary["table"] = rows
+    print(text, flush=True)
+    if jax.process_index() == 0:
+      (workdir / "final_metrics.json").write_text(json.dumps(
+          {"step": summary["step"], "eval": summary["eval"],
+           "table": [dict(task=t, metric=m, model=v, trivial=b) for t, m, v, b in rows]},
+          indent=1))
   return summary
 
 
@@ -329,16 +371,44 @@ def _load_init(config, state, state_sharding, lora_cfg):
   return state
 
 
-def _run_evals(evaluators, state, step, total_steps, lora_cfg, force=False):
-  results = {}
-  params = None
+def _run_evals(evaluators, state, step, total_steps, lora_cfg):
+  """Runs the evaluators due at `step` -> ({'name/metric': value}, {name: records})."""
+  results, records, params = {}, {}, None
   for name, (evaluator, every) in evaluators.items():
-    if force or (every and step % every == 0) or step == total_steps:
+    if (every and step % every == 0) or step == total_steps:
       if params is None:
         params = model_params(state["params"], lora_cfg)
-      for key, value in evaluator.run(params).items():
+      t0 = time.perf_counter()
+      records[name] = evaluator.predict(params)
+      if evaluator.outfile:
+        from big_vision_cxr.evaluators import common  # pylint: disable=g-import-not-at-top
+        common.write_jsonl(evaluator.outfile, records[name])
+      for key, value in evaluator.compute_metrics(records[name], **evaluator.metric_kw).items():
         results[f"{name}/{key}"] = float(value)
-  return results
+      logging.info("eval %s at step %d: %.1f s", name, step, time.perf_counter() - t0)
+  return results, records
+
+
+def baseline_table(config, evaluators, records, results, train_iter):
+  """Per-task metrics next to trivial baselines (majority answer per question, empty boxes).
+
+  Returns (rows, text): rows = [(task, metric, model, baseline)].
+  """
+  majority = majority_answers(getattr(train_iter, "units", {}))
+  rows = []
+  for name, (evaluator, _) in evaluators.items():
+    if name not in records:
+      continue
+    task = config.evals[name].task
+    trivial = evaluator.compute_metrics(trivial_records(records[name], task, majority),
+                                        **evaluator.metric_kw)
+    for metric in (config.get("table_metrics") or {}).get(name, ()):
+      model_value = results.get(f"{name}/{metric}", float("nan"))
+      rows.append((task, metric, model_value, float(trivial.get(metric, float("nan")))))
+  lines = [f"{'task':<13} {'metric':<18} {'model':>8} {'trivial':>8}",
+           "-" * 50]
+  lines += [f"{t:<13} {m:<18} {v:>8.3f} {b:>8.3f}" for t, m, v, b in rows]
+  return rows, "\n".join(lines)
 
 
 def _loop(config, state, update, train_iter, mesh, ckpt, evaluators, writer, rng, total_steps,
@@ -349,7 +419,7 @@ def _loop(config, state, update, train_iter, mesh, ckpt, evaluators, writer, rng
   progress = _progress(step, total_steps)
   pending = None  # (step, metrics, task_ids) of the last dispatched update, checked lazily
   window = collections.defaultdict(float)
-  t_start, start_step, eval_results = time.perf_counter(), step, {}
+  t_start, start_step, eval_results, eval_records = time.perf_counter(), step, {}, {}
 
   def check(p):
     s, metrics, task_ids = p
@@ -388,10 +458,10 @@ def _loop(config, state, update, train_iter, mesh, ckpt, evaluators, writer, rng
       progress.set_postfix(loss=f"{loss:.4f}")
       window = row
     is_last = step == total_steps
-    new_evals = _run_evals(evaluators, state, step, total_steps, lora_cfg)
+    new_evals, records = _run_evals(evaluators, state, step, total_steps, lora_cfg)
     if new_evals:
       check(pending)
-      eval_results = new_evals
+      eval_results, eval_records = new_evals, records
       writer.write(step, new_evals)
     if (ckpt_every and step % ckpt_every == 0) or is_last:
       check(pending)
@@ -400,7 +470,8 @@ def _loop(config, state, update, train_iter, mesh, ckpt, evaluators, writer, rng
     check(pending)
   progress.close()
   ckpt.wait()
-  return {"step": step, "train": dict(window), "eval": eval_results, "state": state}
+  return {"step": step, "train": dict(window), "eval": eval_results, "records": eval_records,
+          "state": state, "train_s": time.perf_counter() - t_start}
 
 
 def _progress(start, total):
