@@ -156,3 +156,21 @@ def test_directory_errors(case, tmp_path):
   with pytest.raises(npz.CheckpointError, match="not a plain .safetensors file name"):
     hf_interop.read_hf_dir(tmp_path)
   assert os.path.exists(hf_dir / "model.safetensors")
+
+
+def test_bf16_conversion_keeps_bf16_both_ways(case, tmp_path):
+  kind, _, _, cfg, params, _, _ = case
+  npz.save_npz(params, tmp_path / "f32.npz")
+  variant = hf_utils.OUR_VARIANT[kind]
+  assert convert.main(["bv2hf", "--npz", str(tmp_path / "f32.npz"), "--variant", variant,
+                       "--out_dir", str(tmp_path / "hf"), "--bf16"]) == 0
+  state_dict, hf_config = hf_interop.read_hf_dir(tmp_path / "hf")
+  assert hf_config["dtype"] == "bfloat16"
+  assert {str(v.dtype) for v in state_dict.values()} == {"bfloat16"}
+  assert convert.main(["hf2bv", "--hf_dir", str(tmp_path / "hf"), "--out",
+                       str(tmp_path / "bf16.npz"), "--bf16"]) == 0
+  with np.load(tmp_path / "bf16.npz", allow_pickle=False) as raw:
+    assert raw["llm/layers/attn/q_einsum/w"].dtype == np.dtype("V2")
+  flat = npz.flatten(params)
+  for k, v in npz.load_npz(tmp_path / "bf16.npz").items():
+    np.testing.assert_array_equal(v, flat[k].astype(v.dtype), err_msg=k)
