@@ -5,6 +5,7 @@ the comments here and in docs/EVALUATION.md.
 """
 import contextlib
 import io
+import itertools
 import json
 import math
 import pathlib
@@ -266,3 +267,34 @@ def test_box_score_rules():
   assert confidence.label_probabilities([[0.0, math.log(3)]]) == pytest.approx(np.array([[0.25, 0.75]]))
   with pytest.raises(confidence.ConfidenceError, match="unknown"):
     confidence.box_scores(parsed, out["token_logprobs"], "max")
+
+
+@pytest.mark.slow
+def test_every_evaluator_runs_on_the_real_pipeline_and_predictor():
+  """Contract check: input_pipeline.evaluation -> Predictor -> records -> metrics, tiny random model."""
+  import jax
+  from big_vision_cxr import decode, input_pipeline, seg_codec
+  from big_vision_cxr.models import paligemma as pg
+  from big_vision_cxr.pp import ops_text
+  from big_vision_cxr.registry import EVALUATORS
+  tok = ops_text._default_tokenizer()
+  model_cfg = pg.get_config("tiny")
+  model_cfg.llm.vocab_size = tok.vocab_size
+  model = pg.Model(**model_cfg)
+  params = model.init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32), np.ones((1, 4), np.int32),
+                      np.ones((1, 4), np.int32))["params"]
+  predictor = decode.Predictor(model, tok, max_decode_len=24)
+  codec = seg_codec.SegCodec.from_npz(seg_codec.DEMO_VQVAE)
+  cfg = dict(datasets={"ph": dict(source="phantom", n=40, size=48)}, pp_image="decode|resize(32)|value_range(-1, 1)",
+             text_len=48)
+  for kind, task, kw in [("diagnosis", "diagnosis", {}), ("vqa", "vqa", {}), ("report", "report", {}),
+                         ("detection", "detection", {}), ("segmentation", "segmentation", {"seg_codec": codec}),
+                         ("perplexity", "report", {})]:
+    data = itertools.islice(input_pipeline.evaluation(cfg, task=task, split="test", batch_size=4, tokenizer=tok,
+                                                      seg_codec=codec), 2)
+    ev = EVALUATORS.get(kind)(predictor, data, **kw)
+    records = ev.predict(params)
+    assert records and all(r["image_id"] for r in records)
+    json.dumps(records, default=common._json_default)  # records are JSON-serialisable
+    metrics = ev.compute_metrics(json.loads(json.dumps(records, default=common._json_default)))
+    assert metrics and all(isinstance(v, float) for v in metrics.values()), kind
