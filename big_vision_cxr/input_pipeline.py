@@ -204,6 +204,26 @@ class _Processor:
     op = "tokenize_train" if train else "tokenize_eval"
     self.text_fn = builder.get_preprocess_fn(f"{op}({text_len})", tokenizer=tokenizer)
     self.cache = {} if _get(config, "cache_images") else None
+    self.text_cache = {} if self.cache is not None else None
+    self.train = train
+
+  def text(self, ex):
+    """(text, mask_ar, mask_loss or mask_input) of one example (cached per example)."""
+    key = id(ex)
+    if self.text_cache is not None and key in self.text_cache:
+      return self.text_cache[key]
+    out = self.text_fn({"prefix": ex.prefix, "suffix": ex.suffix if self.train else ""})
+    out = (out["text"], out["mask_ar"], out["mask_loss" if self.train else "mask_input"])
+    if self.text_cache is not None:
+      self.text_cache[key] = out
+    return out
+
+  def batch(self, exs):
+    """The image and text arrays of a list of examples."""
+    texts = [self.text(e) for e in exs]
+    third = "mask_loss" if self.train else "mask_input"
+    return {"image": self.images(exs), "text": np.stack([t[0] for t in texts]),
+            "mask_ar": np.stack([t[1] for t in texts]), third: np.stack([t[2] for t in texts])}
 
   def image(self, ex):
     key = (ex.source, ex.image_id)
@@ -282,14 +302,8 @@ class TrainIterator:
 
   def __next__(self):
     exs = self.next_examples()
-    texts = [self.processor.text_fn({"prefix": e.prefix, "suffix": e.suffix}) for e in exs]
-    return {
-        "image": self.processor.images(exs),
-        "text": np.stack([t["text"] for t in texts]),
-        "mask_ar": np.stack([t["mask_ar"] for t in texts]),
-        "mask_loss": np.stack([t["mask_loss"] for t in texts]),
-        "task_id": np.asarray([TASK_IDS[e.task] for e in exs], np.int32),
-    }
+    return {**self.processor.batch(exs),
+            "task_id": np.asarray([TASK_IDS[e.task] for e in exs], np.int32)}
 
 
 def training(config, *, batch_size, seed, tokenizer, process_index=0, process_count=1,
@@ -322,12 +336,5 @@ def evaluation(config, *, task, split, batch_size, tokenizer, seg_codec=None, pr
     chunk = exs[start:start + batch_size]
     valid = np.arange(batch_size) < len(chunk)
     chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))
-    texts = [processor.text_fn({"prefix": e.prefix, "suffix": ""}) for e in chunk]
-    batch = {
-        "image": processor.images(chunk),
-        "text": np.stack([t["text"] for t in texts]),
-        "mask_ar": np.stack([t["mask_ar"] for t in texts]),
-        "mask_input": np.stack([t["mask_input"] for t in texts]),
-        "valid": valid,
-    }
-    yield batch, [e.ground_truth() for e, v in zip(chunk, valid) if v]
+    yield ({**processor.batch(chunk), "valid": valid},
+           [e.ground_truth() for e, v in zip(chunk, valid) if v])

@@ -10,6 +10,7 @@
   pixel data, compressed DICOM without a decoder, multi-frame, corrupt PNG),
   `DataPathError` for a path escaping the dataset root, missing, or too big.
 """
+import concurrent.futures
 import logging
 import os
 import pathlib
@@ -48,6 +49,21 @@ class Skips:
   def summary(self):
     return {"count": len(self.items), "items": [dict(path=p, reason=r) for p, r in self.items],
             "absent_count": len(self.absent), "absent_examples": self.absent[:5]}
+
+
+def map_ordered(fn, items, workers=None):
+  """[fn(item), or the exception it raised] in order, on `workers` threads
+  (default: the CPU count, at most 8); PIL and zlib release the GIL."""
+  def safe(item):
+    try:
+      return fn(item)
+    except Exception as e:  # returned, so the caller skips or raises per item
+      return e
+  workers = workers or min(8, os.cpu_count() or 1)
+  if workers <= 1 or len(items) <= 1:
+    return [safe(item) for item in items]
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    return list(pool.map(safe, items))
 
 
 def safe_path(root, relative, *, max_bytes=MAX_BYTES, must_exist=True):
@@ -181,6 +197,20 @@ def is_dicom(path):
       return f.read(4) == b"DICM"
   except OSError:
     return False
+
+
+def image_shape(path, *, root=None):
+  """(H, W) from the file header only (no pixel decoding)."""
+  path = safe_path(root, path) if root is not None else pathlib.Path(path)
+  try:
+    if is_dicom(path):
+      import pydicom  # pylint: disable=import-outside-toplevel
+      ds = pydicom.dcmread(path, stop_before_pixels=True)
+      return int(ds.Rows), int(ds.Columns)
+    with Image.open(path) as im:
+      return im.height, im.width
+  except Exception as e:  # unreadable header: same error type as read_image
+    raise ImageError(f"{path}: cannot read the image header: {type(e).__name__}: {e}") from e
 
 
 def read_image(path, *, root=None, max_bytes=MAX_BYTES):

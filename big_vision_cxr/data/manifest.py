@@ -127,8 +127,11 @@ def objects_from_boxes(box_specs, shape, units, where):
 
 
 def read(path, *, root=None, columns=None, label_map=None, box_units="pixels", source="manifest",
-         skips=None, on_error="skip", load_images=True):
-  """(records, skips) for every row of the manifest at `path`."""
+         skips=None, on_error="skip", load_images=True, workers=None):
+  """(records, skips) for every row of the manifest at `path`, in row order.
+
+  Rows are read by `workers` threads (image decoding releases the GIL).
+  """
   path = pathlib.Path(path)
   root = pathlib.Path(root) if root is not None else path.parent
   columns = {**{f: f for f in FIELDS}, **(columns or {})}
@@ -140,40 +143,48 @@ def read(path, *, root=None, columns=None, label_map=None, box_units="pixels", s
   label_map = label_map or {}
   skips = skips if skips is not None else images.Skips(source)
   out = []
-  for line, row in _rows(path):
+  def record(item):
+    line, row = item
     where = f"{path}:{line}"
-    try:
-      if isinstance(row, ManifestError):
-        raise row
-      get = lambda f: row.get(columns[f])
-      for f in REQUIRED:
-        if get(f) in (None, ""):
-          raise ManifestError(f"{where}: field {f!r} (column {columns[f]!r}) is empty or missing")
-      rel = str(get("image"))
-      raw_label = str(get("label"))
-      label = label_map.get(raw_label, raw_label)
-      if label not in records.LABELS:
-        raise ManifestError(f"{where}: label {raw_label!r} is not one of {records.LABELS} "
-                            f"(map it with label_map)")
-      image = images.read_image(rel, root=root) if load_images else np.zeros((1, 1), np.uint8)
-      mask_specs = _json_field(get("masks"), f"{where}: masks")
-      box_specs = _json_field(get("boxes"), f"{where}: boxes")
-      if mask_specs and load_images:
-        objs = objects_from_masks(mask_specs, root, image.shape, where)
-      elif box_specs:
-        objs = objects_from_boxes(box_specs, image.shape, box_units, where)
-      else:
-        objs = records.Objects.empty(*image.shape) if load_images else records.Objects.empty()
-      qa = [dict(question=str(q.get("question", "")), answer=str(q.get("answer", "")),
-                 type=str(q.get("type", ""))) for q in _json_field(get("qa"), f"{where}: qa")]
-      split = get("split") or None
-      out.append(records.validate(records.SourceRecord(
-          image_id=str(get("image_id") or pathlib.PurePosixPath(rel).with_suffix("")),
-          patient_id=str(get("patient_id")), source=source, image=image, label=label,
-          objects=objs, report=get("report") or None, qa=qa, split=split,
-          meta=dict(path=rel, line=line))))
-    except (ManifestError, images.ImageError, images.DataPathError, records.RecordError) as e:
+    if isinstance(row, ManifestError):
+      raise row
+    get = lambda f: row.get(columns[f])
+    for f in REQUIRED:
+      if get(f) in (None, ""):
+        raise ManifestError(f"{where}: field {f!r} (column {columns[f]!r}) is empty or missing")
+    rel = str(get("image"))
+    raw_label = str(get("label"))
+    label = label_map.get(raw_label, raw_label)
+    if label not in records.LABELS:
+      raise ManifestError(f"{where}: label {raw_label!r} is not one of {records.LABELS} "
+                          f"(map it with label_map)")
+    image = images.read_image(rel, root=root) if load_images else np.zeros((1, 1), np.uint8)
+    shape = image.shape if load_images else images.image_shape(rel, root=root)
+    mask_specs = _json_field(get("masks"), f"{where}: masks")
+    box_specs = _json_field(get("boxes"), f"{where}: boxes")
+    if mask_specs and load_images:
+      objs = objects_from_masks(mask_specs, root, shape, where)
+    elif box_specs:
+      objs = objects_from_boxes(box_specs, shape, box_units, where)
+    else:
+      objs = records.Objects.empty(*image.shape)
+    qa = [dict(question=str(q.get("question", "")), answer=str(q.get("answer", "")),
+               type=str(q.get("type", ""))) for q in _json_field(get("qa"), f"{where}: qa")]
+    return records.validate(records.SourceRecord(
+        image_id=str(get("image_id") or pathlib.PurePosixPath(rel).with_suffix("")),
+        patient_id=str(get("patient_id")), source=source, image=image, label=label,
+        objects=objs, report=get("report") or None, qa=qa, split=get("split") or None,
+        meta=dict(path=rel, line=line)))
+
+  rows = list(_rows(path))
+  out = []
+  for (line, _), result in zip(rows, images.map_ordered(record, rows, workers)):
+    if isinstance(result, (ManifestError, images.ImageError, images.DataPathError, records.RecordError)):
       if on_error == "raise":
-        raise
-      skips.add(where, e)
+        raise result
+      skips.add(f"{path}:{line}", result)
+    elif isinstance(result, Exception):
+      raise result
+    else:
+      out.append(result)
   return out, skips

@@ -104,42 +104,64 @@ def objects_from_xml(path):
   return records.Objects(bbox, labels, None, [None] * n, [None] * n, [None] * n), difficult
 
 
+def _record(root, split, entry, load_images):
+  """The SourceRecord of one listed image (raises on bad files)."""
+  folder, stem = entry.split("/")[0], pathlib.Path(entry).stem
+  rel = f"imgs/{entry}"
+  label = FOLDER_LABELS[folder]
+  if label == "tb":
+    xml = root / "annotations" / "xml" / f"{stem}.xml"
+    if not xml.is_file():
+      raise TBX11KError(f"{xml}: annotation missing for TB image {rel}")
+    objs, difficult = objects_from_xml(xml)
+    if not len(objs):
+      raise TBX11KError(f"{xml}: TB image without boxes")
+  else:
+    objs, difficult = records.Objects.empty(), []
+  image = images.read_image(rel, root=root) if load_images else np.zeros((1, 1), np.uint8)
+  return records.validate(records.SourceRecord(
+      image_id=stem, patient_id=stem, source=SOURCE, image=image, label=label, objects=objs,
+      split=split, meta=dict(path=rel, difficult=difficult)))
+
+
 def read(path, *, splits=("train", "val"), lists="TBX11K", categories=("tb", "health", "sick"),
-         skips=None, on_error="skip", load_images=True):
-  """One SourceRecord per listed image present under the TBX11K folder `path`."""
+         skips=None, on_error="skip", load_images=True, workers=None):
+  """(records, skips): one SourceRecord per listed image present under `path`.
+
+  Images are decoded by `workers` threads (PNG decoding releases the GIL); the
+  order follows the lists.
+  """
   root = find_root(path)
   skips = skips if skips is not None else images.Skips(SOURCE)
-  out, absent = [], []
+  todo, absent = [], []
   for split in splits:
     for entry in read_list(root, lists, split):
       folder = entry.split("/")[0]
       if folder not in categories or folder not in FOLDER_LABELS:
         continue
       rel = f"imgs/{entry}"
-      stem = pathlib.Path(entry).stem
       try:
-        img_path = images.safe_path(root, rel, must_exist=False)
-        if not img_path.is_file():
-          absent.append(rel)
-          continue
-        label = FOLDER_LABELS[folder]
-        if label == "tb":
-          xml = root / "annotations" / "xml" / f"{stem}.xml"
-          if not xml.is_file():
-            raise TBX11KError(f"{xml}: annotation missing for TB image {rel}")
-          objs, difficult = objects_from_xml(xml)
-          if not len(objs):
-            raise TBX11KError(f"{xml}: TB image without boxes")
-        else:
-          objs, difficult = records.Objects.empty(), []
-        image = images.read_image(rel, root=root) if load_images else np.zeros((1, 1), np.uint8)
-        out.append(records.validate(records.SourceRecord(
-            image_id=stem, patient_id=stem, source=SOURCE, image=image, label=label,
-            objects=objs, split=split, meta=dict(path=rel, difficult=difficult))))
-      except (TBX11KError, images.ImageError, images.DataPathError, records.RecordError) as e:
+        present = images.safe_path(root, rel, must_exist=False).is_file()
+      except images.DataPathError as e:
         if on_error == "raise":
           raise
         skips.add(rel, e)
+        continue
+      if present:
+        todo.append((split, entry))
+      else:
+        absent.append(rel)
+  results = images.map_ordered(lambda item: _record(root, *item, load_images), todo, workers)
+  out = []
+  for (_, entry), result in zip(todo, results):
+    if isinstance(result, (TBX11KError, images.ImageError, images.DataPathError, records.RecordError)):
+      if on_error == "raise":
+        raise result
+      skips.add(f"imgs/{entry}", result)
+    elif isinstance(result, Exception):
+      raise result
+    else:
+      out.append(result)
   if absent:
     skips.absent += absent
     logging.info("%s: %d listed images are absent from %s", SOURCE, len(absent), root)
