@@ -242,6 +242,7 @@ def task_jobs(n_images, tasks, class_names, prompts=()):
 class Loaded:
   """Everything predicting needs, and where it came from."""
   model: object
+  model_cfg: object
   params: object
   tokenizer: object
   seg_codec: object
@@ -280,12 +281,13 @@ def restore_params(workdir, step=None):
 
 
 def load(checkpoint, *, config=None, model_variant=None, tokenizer=None, vqvae=None,
-         class_names=None, step=None):
+         class_names=None, step=None, with_vqvae=True):
   """Model, params, tokenizer and VQ-VAE for predicting.
 
   checkpoint: our orbax workdir (or one of its step folders), or a big_vision
     `.npz` (official or ours). The model comes from `config` (a training
     ConfigDict: model, tokenizer, seg_codec, class names) or from `model_variant`.
+  with_vqvae: False skips the VQ-VAE (`seg_codec` is None), for work without masks.
   """
   from big_vision_cxr import train  # pylint: disable=import-outside-toplevel
   from big_vision_cxr.models import paligemma  # pylint: disable=import-outside-toplevel
@@ -322,7 +324,8 @@ def load(checkpoint, *, config=None, model_variant=None, tokenizer=None, vqvae=N
                        f"(variant {variant}) has a vocabulary of {vocab}: they must be equal.")
   provenance = dict(checkpoint=str(checkpoint), step=step, model_variant=variant,
                     tokenizer=str(tokenizer), vqvae=str(vqvae), class_names=list(class_names))
-  return Loaded(model=model, params=params, tokenizer=tok, seg_codec=seg_codec_lib.SegCodec.from_npz(vqvae),
+  codec = seg_codec_lib.SegCodec.from_npz(vqvae) if with_vqvae else None
+  return Loaded(model=model, model_cfg=model_cfg, params=params, tokenizer=tok, seg_codec=codec,
                 image_size=int(model_cfg["img"]["image_size"]), class_names=class_names,
                 provenance=provenance)
 
@@ -399,6 +402,8 @@ class Runner:
     scores = confidence.box_scores(parsed, gen["token_logprobs"])
     entries = [box_entry(o.box, o.name, s, height, width) for o, s in zip(parsed.objects, scores)]
     if masks and parsed.objects:
+      if self.loaded.seg_codec is None:
+        raise PredictError("masks need the VQ-VAE: load the model with with_vqvae=True.")
       seg = np.stack([o.seg_ids for o in parsed.objects])
       boxes = np.stack([o.box for o in parsed.objects])
       for entry, mask in zip(entries, self.loaded.seg_codec.decode(seg, boxes, height, width)):
@@ -548,9 +553,10 @@ def main(argv=None):
       from big_vision_cxr import config as config_lib  # pylint: disable=import-outside-toplevel
       config = config_lib.load_config(args.config)
     classes = [c.strip() for c in args.classes.split(";")] if args.classes else None
-    loaded = load(args.checkpoint, config=config, model_variant=args.model_variant,
-                  tokenizer=args.tokenizer, vqvae=args.vqvae, class_names=classes, step=args.step)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    loaded = load(args.checkpoint, config=config, model_variant=args.model_variant,
+                  tokenizer=args.tokenizer, vqvae=args.vqvae, class_names=classes, step=args.step,
+                  with_vqvae="segmentation" in tasks or bool(args.prompt))
     runner = Runner(loaded, tasks=tasks, prompts=args.prompt, batch_size=args.batch_size,
                     max_decode_len=args.max_decode_len)
   except (PredictError, tokenizer_lib.TokenizerError, ValueError, OSError) as e:
