@@ -32,6 +32,22 @@ _PREFIXES = (  # Longest first: (HF prefix, internal section).
 _EXPORT_PREFIX = {"vision.": "vision_tower.vision_model.", "projector.": "multi_modal_projector.",
                   "text.": "language_model.model."}
 _TANH_GELU = ("gelu_pytorch_tanh", "gelu", None)  # HF Gemma maps legacy "gelu" to tanh-GELU.
+# HF config-class defaults for the fields we read: hub config.json files omit fields
+# that equal them (e.g. PaliGemma 1 has no text head_dim, no vision image_size).
+HF_DEFAULTS = {
+    "siglip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                num_attention_heads=12, image_size=224, patch_size=16,
+                                layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh",
+                                vision_use_head=True),
+    "gemma": dict(vocab_size=256000, hidden_size=3072, intermediate_size=24576,
+                  num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=16,
+                  head_dim=256, rms_norm_eps=1e-6, tie_word_embeddings=True),
+    "gemma2": dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216,
+                   num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
+                   head_dim=256, rms_norm_eps=1e-6, query_pre_attn_scalar=256,
+                   final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
+                   tie_word_embeddings=True),
+}
 
 
 def _require(cond, msg):
@@ -40,36 +56,35 @@ def _require(cond, msg):
 
 
 def config_from_hf(hf_config):
-  """HF PaliGemma config.json dict -> our ConfigDict(img=..., llm=...)."""
-  vis, txt = hf_config.get("vision_config") or {}, hf_config.get("text_config") or {}
+  """HF PaliGemma config.json dict -> our ConfigDict(img=..., llm=...). Fields a hub
+  config omits take the HF class defaults (HF_DEFAULTS)."""
   _require(hf_config.get("model_type") == "paligemma",
            f"config.json: model_type is {hf_config.get('model_type')!r}, expected 'paligemma'.")
-  _require(not vis.get("vision_use_head", False), "config.json: vision_config.vision_use_head "
-           "must be false (PaliGemma uses no MAP head).")
-  _require(vis.get("hidden_act", "gelu_pytorch_tanh") == "gelu_pytorch_tanh",
-           f"config.json: vision hidden_act {vis.get('hidden_act')!r} is not supported.")
-  act = txt.get("hidden_activation", txt.get("hidden_act"))
-  _require(act in _TANH_GELU, f"config.json: text activation {act!r} is not supported.")
-  for name, cfg in (("vision_config", vis), ("text_config", txt)):
-    eps = cfg.get("layer_norm_eps", cfg.get("rms_norm_eps", 1e-6))
-    _require(abs(eps - 1e-6) < 1e-12, f"config.json: {name} norm eps {eps} != 1e-6.")
-  theta = (txt.get("rope_parameters") or {}).get("rope_theta", txt.get("rope_theta", 10000.0))
-  _require(theta == 10000.0, f"config.json: rope_theta {theta} != 10000.")
-  _require(hf_config.get("tie_word_embeddings", True) and txt.get("tie_word_embeddings", True),
-           "config.json: untied lm_head is not supported (PaliGemma ties it to the embedding).")
+  vis = {**HF_DEFAULTS["siglip_vision_model"], **(hf_config.get("vision_config") or {})}
+  txt = hf_config.get("text_config") or {}
   model_type = txt.get("model_type", "gemma")
   _require(model_type in ("gemma", "gemma2"),
            f"config.json: text model_type {model_type!r} is not supported (gemma, gemma2).")
-  width, heads = txt["hidden_size"], txt["num_attention_heads"]
-  head_dim = txt.get("head_dim", width // heads)
-  image_token = hf_config.get("image_token_index", hf_config.get("image_token_id"))
-  llm = dict(vocab_size=min(txt["vocab_size"], image_token if image_token is not None
-                            else txt["vocab_size"]),
+  txt = {**HF_DEFAULTS[model_type], **txt}
+  _require(not vis["vision_use_head"], "config.json: vision_config.vision_use_head "
+           "must be false (PaliGemma uses no MAP head).")
+  _require(vis["hidden_act"] == "gelu_pytorch_tanh",
+           f"config.json: vision hidden_act {vis.get('hidden_act')!r} is not supported.")
+  act = txt.get("hidden_activation", txt.get("hidden_act"))
+  _require(act in _TANH_GELU, f"config.json: text activation {act!r} is not supported.")
+  for name, eps in (("vision_config", vis["layer_norm_eps"]), ("text_config", txt["rms_norm_eps"])):
+    _require(abs(eps - 1e-6) < 1e-12, f"config.json: {name} norm eps {eps} != 1e-6.")
+  theta = (txt.get("rope_parameters") or {}).get("rope_theta", txt.get("rope_theta", 10000.0))
+  _require(theta == 10000.0, f"config.json: rope_theta {theta} != 10000.")
+  _require(hf_config.get("tie_word_embeddings", True) and txt["tie_word_embeddings"],
+           "config.json: untied lm_head is not supported (PaliGemma ties it to the embedding).")
+  width, heads, head_dim = txt["hidden_size"], txt["num_attention_heads"], txt["head_dim"]
+  image_token = hf_config.get("image_token_index", hf_config.get("image_token_id", 256000))
+  llm = dict(vocab_size=min(txt["vocab_size"], image_token),
              width=width, depth=txt["num_hidden_layers"], mlp_dim=txt["intermediate_size"],
-             num_heads=heads, num_kv_heads=txt.get("num_key_value_heads", heads),
-             head_dim=head_dim)
+             num_heads=heads, num_kv_heads=txt["num_key_value_heads"], head_dim=head_dim)
   if model_type == "gemma2":
-    scalar = txt.get("query_pre_attn_scalar", head_dim)
+    scalar = txt["query_pre_attn_scalar"]
     if scalar == head_dim:
       query_norm = "rsqrt_head_dim"
     elif scalar == width // heads:

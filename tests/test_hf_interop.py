@@ -174,3 +174,43 @@ def test_bf16_conversion_keeps_bf16_both_ways(case, tmp_path):
   flat = npz.flatten(params)
   for k, v in npz.load_npz(tmp_path / "bf16.npz").items():
     np.testing.assert_array_equal(v, flat[k].astype(v.dtype), err_msg=k)
+
+
+# Hub-style config.json files leave out fields equal to the HF class defaults.
+HUB_PG1_224 = {
+    "model_type": "paligemma", "image_token_index": 257152, "projection_dim": 2048,
+    "hidden_size": 2048,
+    "text_config": {"hidden_size": 2048, "intermediate_size": 16384, "model_type": "gemma",
+                    "num_attention_heads": 8, "num_hidden_layers": 18, "num_image_tokens": 256,
+                    "num_key_value_heads": 1, "torch_dtype": "float32", "vocab_size": 257216},
+    "vision_config": {"hidden_size": 1152, "intermediate_size": 4304,
+                      "model_type": "siglip_vision_model", "num_attention_heads": 16,
+                      "num_hidden_layers": 27, "num_image_tokens": 256, "patch_size": 14,
+                      "projection_dim": 2048, "vision_use_head": False},
+}
+HUB_PG2_28B_448 = {
+    "model_type": "paligemma", "image_token_index": 257152, "projection_dim": 4608,
+    "hidden_size": 4608,
+    "text_config": {"hidden_size": 4608, "intermediate_size": 36864, "model_type": "gemma2",
+                    "num_attention_heads": 32, "num_hidden_layers": 46, "head_dim": 128,
+                    "num_key_value_heads": 16, "query_pre_attn_scalar": 144,
+                    "vocab_size": 257216, "hidden_activation": "gelu_pytorch_tanh"},
+    "vision_config": {"hidden_size": 1152, "intermediate_size": 4304, "image_size": 448,
+                      "model_type": "siglip_vision_model", "num_attention_heads": 16,
+                      "num_hidden_layers": 27, "patch_size": 14, "vision_use_head": False},
+}
+
+
+@pytest.mark.parametrize("hub_config,variant", [(HUB_PG1_224, "pg1_3b_224"),
+                                                (HUB_PG2_28B_448, "pg2_28b_448")])
+def test_hub_style_configs_map_to_our_variants(hub_config, variant):
+  assert hf_interop.config_from_hf(hub_config).to_dict() == pg.get_config(variant).to_dict()
+
+
+def test_hf_defaults_table_matches_transformers():
+  import transformers
+  classes = {"siglip_vision_model": transformers.SiglipVisionConfig,
+             "gemma": transformers.GemmaConfig, "gemma2": transformers.Gemma2Config}
+  for model_type, defaults in hf_interop.HF_DEFAULTS.items():
+    config = classes[model_type]()
+    assert {k: getattr(config, k) for k in defaults} == defaults, model_type

@@ -33,7 +33,8 @@ MASKED_LOGIT = -2.3819763e38
 
 def get_config(variant):
   """Gemma architectures used by PaliGemma 1 and 2 (vocab set by PaliGemma)."""
-  gemma2 = dict(post_norms=True, attn_logits_softcap=50.0, final_logits_softcap=30.0)
+  gemma2 = dict(post_norms=True, attn_logits_softcap=50.0, final_logits_softcap=30.0,
+                query_pre_attn_norm="rsqrt_head_dim")
   configs = {
       "gemma_2b": dict(width=2048, depth=18, mlp_dim=16384, num_heads=8, num_kv_heads=1,
                        head_dim=256),
@@ -42,7 +43,7 @@ def get_config(variant):
       "gemma2_9b": dict(width=3584, depth=42, mlp_dim=14336, num_heads=16, num_kv_heads=8,
                         head_dim=256, **gemma2),
       "gemma2_27b": dict(width=4608, depth=46, mlp_dim=36864, num_heads=32, num_kv_heads=16,
-                         head_dim=128, query_pre_attn_norm="rsqrt_emb_per_head", **gemma2),
+                         head_dim=128, **{**gemma2, "query_pre_attn_norm": "rsqrt_emb_per_head"}),
   }
   if variant not in configs:
     raise ValueError(f"Unknown Gemma variant {variant!r}; known: {', '.join(configs)}.")
