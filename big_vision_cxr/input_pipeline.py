@@ -32,6 +32,7 @@ import logging
 
 import numpy as np
 
+from big_vision_cxr import tokenizer as tokenizer_lib
 from big_vision_cxr.data import curation, images, manifest, phantom, prompts, splits, tbx11k
 from big_vision_cxr.pp import builder, ops_image
 
@@ -203,6 +204,8 @@ class _Processor:
     text_len = _get(config, "text_len")
     op = "tokenize_train" if train else "tokenize_eval"
     self.text_fn = builder.get_preprocess_fn(f"{op}({text_len})", tokenizer=tokenizer)
+    self.text_len = text_len
+    self.truncated = collections.Counter()  # per task, counted once per example when cached
     self.cache = {} if _get(config, "cache_images") else None
     self.text_cache = {} if self.cache is not None else None
     self.train = train
@@ -214,6 +217,11 @@ class _Processor:
       return self.text_cache[key]
     out = self.text_fn({"prefix": ex.prefix, "suffix": ex.suffix if self.train else ""})
     out = (out["text"], out["mask_ar"], out["mask_loss" if self.train else "mask_input"])
+    if self.train and out[0][-1] not in (tokenizer_lib.PAD_ID, tokenizer_lib.EOS_ID):
+      self.truncated[ex.task] += 1  # the suffix ran past text_len + 1: EOS (and more) cut
+      if self.truncated[ex.task] == 1:
+        logging.warning("text_len=%d truncates %s examples (first: %r); raise text_len",
+                        self.text_len, ex.task, ex.image_id)
     if self.text_cache is not None:
       self.text_cache[key] = out
     return out

@@ -161,3 +161,14 @@ def test_split_map_and_cached_records_stay_untouched(tok):
   a = ip.curated_units({**cfg, "split_seed": 1}, split="val", tasks=("diagnosis",))
   b = ip.curated_units({**cfg, "split_seed": 2}, split="val", tasks=("diagnosis",))
   assert [e.image_id for e in a["diagnosis"]] != [e.image_id for e in b["diagnosis"]]
+
+
+def test_truncation_is_counted_and_logged(tok, caplog):
+  it = ip.training(config(text_len=16, tasks=("report", "diagnosis")), batch_size=16, seed=0, tokenizer=tok)
+  with caplog.at_level("WARNING"):
+    batch = next(it)
+  reports = batch["task_id"] == prompts.TASKS.index("report")
+  assert reports.any() and it.processor.truncated["report"] >= 1
+  assert it.processor.truncated["diagnosis"] == 0
+  assert "text_len=16 truncates report examples" in caplog.text
+  assert np.all(batch["mask_loss"][reports, -1] == 1)  # cut plainly, EOS lost
