@@ -59,8 +59,9 @@ def _restore_dtype(array):
   return array
 
 
-def load_npz(path):
-  """Reads an .npz into {flat_key: np.ndarray}, bfloat16 restored from 'V2'."""
+def load_npz(path, keep=None):
+  """Reads an .npz into {flat_key: np.ndarray}, bfloat16 restored from 'V2'.
+  `keep(key) -> bool` reads only some arrays (e.g. one sub-tree of a big file)."""
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise CheckpointError(f"checkpoint file {path!r} does not exist.")
@@ -70,6 +71,8 @@ def load_npz(path):
   try:
     with np.load(path, allow_pickle=False) as archive:
       for key in archive.files:
+        if keep is not None and not keep(key):
+          continue
         try:
           flat[key] = _restore_dtype(archive[key])
         except ValueError as e:
@@ -77,7 +80,7 @@ def load_npz(path):
                                 f"(object/pickled data is refused): {e}") from None
   except (zipfile.BadZipFile, OSError, EOFError) as e:
     raise CheckpointError(f"{path!r} is not a readable .npz archive: {e}") from None
-  if not flat:
+  if not flat and keep is None:
     raise CheckpointError(f"{path!r} contains no arrays.")
   return flat
 
@@ -86,7 +89,11 @@ def load_tree(spec):
   """'file.npz[:sub/tree]' -> nested dict of the params (a top-level `params/` or
   `opt/target/` wrapper is removed), restricted to the sub-tree if one is given."""
   path, subtree = split_spec(spec)
-  tree = unflatten(load_npz(path), source=path)
+  keep = None
+  if subtree:  # Read only that sub-tree's arrays, under any of the wrappers.
+    prefixes = tuple(w + subtree + "/" for w in ("", "params/", "opt/target/"))
+    keep = lambda key: key.startswith(prefixes)
+  tree = unflatten(load_npz(path, keep), source=path)
   if "params" in tree:
     tree = tree["params"]
   elif "opt" in tree and "target" in tree["opt"]:
@@ -94,11 +101,21 @@ def load_tree(spec):
   if subtree:
     for part in subtree.split("/"):
       if not isinstance(tree, dict) or part not in tree:
-        known = sorted(tree) if isinstance(tree, dict) else []
         raise CheckpointError(f"{path!r} has no sub-tree {subtree!r}; top-level keys there: "
-                              f"{known}.")
+                              f"{_top_level_names(path)}.")
       tree = tree[part]
   return tree
+
+
+def _top_level_names(path):
+  """First name components of the params in an .npz (wrapper removed), without reading arrays."""
+  with np.load(path, allow_pickle=False) as archive:
+    names = archive.files
+  for wrapper in ("params/", "opt/target/"):
+    if any(n.startswith(wrapper) for n in names):
+      names = [n[len(wrapper):] for n in names if n.startswith(wrapper)]
+      break
+  return sorted({n.split("/")[0] for n in names})
 
 
 def save_npz(params, path, prefix=""):

@@ -173,6 +173,9 @@ def test_decode_without_cache_is_a_clear_error(tiny):
   with pytest.raises(ValueError, match="init_cache"):
     model.apply({"params": params}, jnp.zeros((1, 2, d)), jnp.zeros((1, 2), jnp.int32),
                 jnp.ones((1, 2, 2), bool), decode=True, method=pg.Model.llm_forward)
+  with pytest.raises(ValueError, match=r"attn_mask must be \[B, T, S\] = \(1, 2, 2\), got \(1, 2, 3\)"):
+    model.apply({"params": params}, jnp.zeros((1, 2, d)), jnp.zeros((1, 2), jnp.int32),
+                jnp.ones((1, 2, 3), bool), method=pg.Model.llm_forward)
 
 
 def test_wrong_image_size_is_a_clear_error(tiny):

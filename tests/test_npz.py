@@ -122,6 +122,20 @@ def test_key_and_shape_errors_name_the_params(setup, tmp_path):
     pg.load(params, f"{tmp_path}/wrong.npz", cfg)
   with pytest.raises(npz.CheckpointError, match="no sub-tree 'vision'.*'img', 'llm'"):
     pg.load(params, f"{tmp_path}/wrong.npz:vision", cfg)
+  npz.save_npz(params, tmp_path / "wrapped.npz", prefix="params/")
+  with pytest.raises(npz.CheckpointError, match="no sub-tree 'img/nope'.*\\['img', 'llm'\\]"):
+    pg.load(params, f"{tmp_path}/wrapped.npz:img/nope", cfg)
+
+
+def test_subtree_reads_only_its_arrays(tmp_path, monkeypatch):
+  npz.save_npz({"img": {"a": np.ones(2)}, "llm": {"b": np.zeros(3)}}, tmp_path / "m.npz",
+               prefix="params/")
+  read = []
+  restore = npz._restore_dtype
+  monkeypatch.setattr(npz, "_restore_dtype", lambda a: read.append(a.shape) or restore(a))
+  tree = npz.load_tree(f"{tmp_path}/m.npz:llm")
+  np.testing.assert_array_equal(tree["b"], np.zeros(3))
+  assert read == [(3,)]
 
 
 def test_bad_files_are_named(tmp_path):

@@ -18,7 +18,8 @@ KV cache (flax collection "cache", built by `init_cache`): `layers/attn/k_cache`
 `v_cache` [L, B, S, K, H] and `layers/attn/cache_index` [L] int32 (one copy per layer,
 all equal). A `decode=True` call writes its T new keys/values at
 [cache_index, cache_index + T), advances the index and attends over all S slots
-with the caller's mask [B, T, S].
+with the caller's mask [B, T, S]. The caller keeps cache_index + T <= S: under jit an
+out-of-range write cannot raise, and XLA would clamp it onto the last slots.
 """
 from typing import Any
 
@@ -142,12 +143,12 @@ class Attention(nn.Module):
       keys, values = k_cache.value.astype(self.dtype), v_cache.value.astype(self.dtype)
 
     b, t = q.shape[:2]
-    q = q.reshape(b, t, k, n // k, h)  # [B, T, K, G, H]
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, keys, preferred_element_type=jnp.float32)
-    logits = softcap(logits, self.attn_logits_softcap)
     if attn_mask.shape != (b, t, keys.shape[1]):
       raise ValueError(f"attn_mask must be [B, T, S] = {(b, t, keys.shape[1])}, "
                        f"got {tuple(attn_mask.shape)}.")
+    q = q.reshape(b, t, k, n // k, h)  # [B, T, K, G, H]
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, keys, preferred_element_type=jnp.float32)
+    logits = softcap(logits, self.attn_logits_softcap)
     logits = jnp.where(attn_mask[:, None, None, :, :], logits, MASKED_LOGIT)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     encoded = jnp.einsum("BKGTS,BSKH->BTKGH", probs, values).reshape(b, t, n, h)
