@@ -108,8 +108,8 @@ class ParseResult:
 
 @dataclasses.dataclass
 class _Piece:
-  kind: str  # 'loc' | 'seg' | 'text'
-  value: object  # int bin for loc/seg, str for text
+  kind: str  # 'loc' | 'seg' | 'text' | 'junk'
+  value: object  # int bin for loc/seg, str for text and junk
   start: int
   end: int
 
@@ -143,7 +143,7 @@ def _group(pieces, split_text):
   """Pieces -> groups of pieces, one group per ';'-separated segment."""
   groups = [[]]
   for p in pieces:
-    if p.kind != "text":
+    if p.kind in ("loc", "seg"):
       groups[-1].append(p)
       continue
     parts = split_text(p)
@@ -234,15 +234,21 @@ def parse_token_ids(token_ids, tokenizer, *, require_seg=False):
   close_run(len(ids))
 
   def split_tokens(piece):
-    """Splits a run of text tokens at the tokens whose text holds a ';'."""
+    """Splits a run of text tokens at the tokens whose text holds a ';'.
+
+    Ids the tokenizer cannot decode (e.g. beyond its vocabulary) make a 'junk'
+    piece, which invalidates its object.
+    """
     out, start = [], piece.start
-    for end in range(piece.start + 1, piece.end + 1):
-      text = tokenizer.decode(ids[start:end], stop_at_eos=False)
-      if ";" in text:
-        head = text.split(";")[0]
-        out.append(_Piece("text", head, start, end))
-        start = end
-    out.append(_Piece("text", tokenizer.decode(ids[start:piece.end], stop_at_eos=False), start, piece.end))
+    try:
+      for end in range(piece.start + 1, piece.end + 1):
+        text = tokenizer.decode(ids[start:end], stop_at_eos=False)
+        if ";" in text:
+          out.append(_Piece("text", text.split(";")[0], start, end))
+          start = end
+      out.append(_Piece("text", tokenizer.decode(ids[start:piece.end], stop_at_eos=False), start, piece.end))
+    except ValueError:
+      out.append(_Piece("junk", "undecodable", start, piece.end))
     return out
 
   return _parse_pieces(pieces, split_tokens, require_seg)

@@ -141,6 +141,9 @@ def train(args):
     batch = np.where(flip[:, None, None], batch[:, :, ::-1], batch)
     params, opt_state, loss, rec, idx, z = step(params, opt_state, batch)
     usage += np.bincount(np.asarray(idx).reshape(-1), minlength=cfg.codebook_size)
+    if i % args.log_every == 0 or i == args.steps:
+      print(f"step {i}/{args.steps} loss {float(loss):.4f} rec {float(rec):.4f} "
+            f"codes used {int((usage > 0).sum())} ({time.time() - t1:.0f}s)", flush=True)
     if i % args.restart_every == 0 and i < args.steps * 0.8:
       dead = np.nonzero(usage == 0)[0]
       if len(dead):
@@ -149,9 +152,6 @@ def train(args):
         codebook[dead] = pool[rng.integers(0, len(pool), len(dead))]
         params = {**params, "codebook": jnp.asarray(codebook)}
       usage[:] = 0
-    if i % args.log_every == 0 or i == args.steps:
-      print(f"step {i}/{args.steps} loss {float(loss):.4f} rec {float(rec):.4f} "
-            f"({time.time() - t1:.0f}s)", flush=True)
   train_s = time.time() - t1
   vqvae.save_npz(params, args.out)
   codec = seg_codec.SegCodec.from_npz(args.out)

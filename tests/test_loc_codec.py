@@ -101,6 +101,8 @@ class _CharTokenizer:
 
   def decode(self, ids, stop_at_eos=True):
     out = []
+    if any(i >= self.seg_id(128) for i in ids):
+      raise ValueError(f"ids {ids} are outside the vocabulary")  # like tokenizer.TokenizerError
     for i in ids:
       if i >= self.seg_id(0):
         out.append(f"<seg{i - self.seg_id(0):03d}>")
@@ -125,6 +127,9 @@ def test_parse_token_ids_gives_token_spans():
   start = o1.loc_span[0]
   assert [ids[i] - tok.loc_id(0) for i in range(start, start + 4)] == [10, 20, 30, 40]
   assert o1.token_span[1] == len(tok.encode(text))
+  # Ids beyond the tokenizer's vocabulary invalidate their object only.
+  res = loc_codec.parse_token_ids(ids[:ids.index(tok.eos_id)] + [99999] + tok.encode(" active tb"), tok)
+  assert [o.name for o in res.objects] == ["active tb"] and res.n_invalid == 2
 
 
 _TOKEN_SOUP = st.lists(st.one_of(
