@@ -128,7 +128,7 @@ def _seg_codec(config, seg_codec):
     raise InputError("tasks include 'segmentation' but no seg_codec was given (argument or "
                      "config.seg_codec = path to a VQ-VAE .npz)")
   from big_vision_cxr import seg_codec as seg_codec_lib  # pylint: disable=import-outside-toplevel
-  return seg_codec_lib.SegCodec.from_npz(path)
+  return seg_codec_lib.from_config(path)
 
 
 def curated_units(config, *, split, seg_codec=None, tasks=None):

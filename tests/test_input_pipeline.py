@@ -173,3 +173,26 @@ def test_truncation_is_counted_and_logged(tok, caplog):
   assert "text_len=16 truncates report examples" in caplog.text
   cut = reports & ~np.isin(batch["text"][:, -1], [tok.pad_id, tok.eos_id])
   assert cut.any() and np.all(batch["mask_loss"][cut, -1] == 1)  # cut plainly, EOS lost
+
+
+def test_segmentation_through_the_vqvae_codec(tok):
+  import jax
+  from big_vision_cxr import loc_codec, seg_codec
+  from big_vision_cxr.models import vqvae
+  model = vqvae.Model(vqvae.Config())  # random weights from the shapes: no init compile
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), np.zeros((1, 64, 64), np.float32))["params"]
+  rng = np.random.default_rng(0)
+  codec = seg_codec.SegCodec(model, jax.tree.map(
+      lambda s: (rng.standard_normal(s.shape) * 0.1).astype(s.dtype), shapes))
+  cfg = config(tasks=("segmentation",), text_len=112)
+  units = ip.curated_units(cfg, split="train", seg_codec=codec)
+  exs = units["segmentation"]
+  with_objects = [e for e in exs if len(e.objects)]
+  assert with_objects and any(e.suffix == "" for e in exs)
+  for e in with_objects[:10]:
+    parsed = loc_codec.parse_objects(e.suffix, require_seg=True)
+    assert parsed.n_invalid == 0 and len(parsed.objects) == len(e.objects)
+    np.testing.assert_array_equal(np.stack([o.seg_ids for o in parsed.objects]),
+                                  codec.encode(e.objects.mask, e.objects.bbox))
+  batch = next(ip.training(cfg, batch_size=4, seed=0, tokenizer=tok, seg_codec=codec))
+  assert set(batch["task_id"]) == {prompts.TASKS.index("segmentation")}
