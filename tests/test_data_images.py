@@ -95,3 +95,20 @@ def test_corrupt_png_and_paths(tmp_path):
   Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "ok.png")
   with pytest.raises(images.DataPathError, match="over the limit"):
     images.read_image("ok.png", root=tmp_path, max_bytes=10)
+
+
+def test_dicom_voi_lut_sequence_is_applied(tmp_path, ramp):
+  from pydicom.dataset import Dataset
+  from pydicom.sequence import Sequence
+  path = write_dicom(tmp_path / "lut.dcm", ramp)
+  import pydicom
+  ds = pydicom.dcmread(path)
+  item = Dataset()
+  item.LUTDescriptor = [4096, 0, 16]
+  item.LUTData = [4095 - i for i in range(4096)]  # an inverting LUT
+  item["LUTData"].VR = "US"
+  ds.VOILUTSequence = Sequence([item])
+  ds.save_as(path)
+  out = images.read_image(path)
+  plain = images.read_image(write_dicom(tmp_path / "plain.dcm", ramp))
+  np.testing.assert_array_equal(out, 255 - plain)

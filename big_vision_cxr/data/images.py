@@ -174,14 +174,15 @@ def _read_dicom(path):
     raise ImageError(f"{path}: unsupported PhotometricInterpretation {photometric}")
   if np.asarray(arr).ndim != 2:
     raise ImageError(f"{path}: expected a 2-D greyscale frame, got shape {np.asarray(arr).shape}")
-  arr = np.asarray(apply_modality_lut(arr, ds), np.float64)
-  window = _window(arr, ds)
+  modality = np.asarray(apply_modality_lut(arr, ds))
+  window = _window(modality.astype(np.float64), ds)
   if window is not None:
     out = np.round(window * 255).astype(np.uint8)
-  elif "VOILUTSequence" in ds:
-    out = _to_uint8(apply_voi_lut(arr, ds), path)
+  elif "VOILUTSequence" in ds:  # LUT lookup needs integer input
+    lut_in = modality if modality.dtype.kind in "iu" else np.round(modality).astype(np.int64)
+    out = _to_uint8(apply_voi_lut(lut_in, ds), path)
   else:
-    out = _to_uint8(arr, path)
+    out = _to_uint8(modality, path)
   if photometric == "MONOCHROME1":
     out = 255 - out
   return out
