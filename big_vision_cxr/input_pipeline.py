@@ -151,14 +151,16 @@ def curated_units(config, *, split, seg_codec=None, tasks=None):
     for task in tasks:
       units[task] = []
   for name, recs in loaded.items():
-    split_map = _plain(datasets[name]).get("split_map", {})
+    ds_cfg = _plain(datasets[name])
+    split_map = ds_cfg.get("split_map", {})
+    seg_from_boxes = ds_cfg.get("seg_from_boxes", _get(config, "seg_from_boxes"))
     recs = [dataclasses.replace(r, split=split_map.get(r.split, r.split)) for r in recs]
     recs = splits.apply(recs, seed=_get(config, "split_seed"), fractions=fractions)
     for rec in recs:
       if rec.split != split:
         continue
       for ex in curation.curate(rec, class_names=class_names, tasks=tasks, seg_codec=seg_codec,
-                                seg_from_boxes=_plain(datasets[name]).get("seg_from_boxes", _get(config, "seg_from_boxes"))):
+                                seg_from_boxes=seg_from_boxes):
         units.setdefault(ex.task if mix_by == "task" else f"{name}/{ex.task}", []).append(ex)
   return units
 
@@ -339,6 +341,9 @@ def evaluation(config, *, task, split, batch_size, tokenizer, seg_codec=None, pr
   seg_codec = _seg_codec(dict(_plain(config), tasks=(task,)), seg_codec)
   units = curated_units(config, split=split, seg_codec=seg_codec, tasks=(task,))
   exs = [ex for unit in units.values() for ex in unit][process_index::process_count]
+  if not exs:
+    logging.warning("evaluation: no %s examples in split %r (process %d of %d)", task, split,
+                    process_index, process_count)
   processor = _Processor(config, tokenizer, train=False)
   for start in range(0, len(exs), batch_size):
     chunk = exs[start:start + batch_size]
