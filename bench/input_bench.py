@@ -54,7 +54,7 @@ def main():
   parser = common.arg_parser(__doc__)
   parser.add_argument("--batch_size", type=int, default=32)
   args = parser.parse_args()
-  tok = ops_text._default_tokenizer()  # pylint: disable=protected-access
+  tok = ops_text.default_tokenizer()
   bs = args.batch_size
   with tempfile.TemporaryDirectory() as tmp:
     ds, data_note = datasets(args.quick, tmp)

@@ -16,7 +16,7 @@ TASKS = ("diagnosis", "vqa", "report", "detection")
 
 @pytest.fixture(scope="module")
 def tok():
-  return ops_text._default_tokenizer()
+  return ops_text.default_tokenizer()
 
 
 def config(**kw):

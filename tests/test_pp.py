@@ -11,7 +11,7 @@ from big_vision_cxr.registry import PP_OPS
 
 @pytest.fixture(scope="module")
 def tok():
-  return ops_text._default_tokenizer()
+  return ops_text.default_tokenizer()
 
 
 def test_parse_literals_and_errors():

@@ -11,17 +11,19 @@ The tokenizer comes from the builder's context (`tokenizer=`) or, by default,
 the demo asset. Encodings are memoised (prompts repeat).
 """
 import functools
+import pathlib
 
 import numpy as np
 
 from big_vision_cxr import tokenizer as tokenizer_lib
 from big_vision_cxr.registry import PP_OPS
 
-DEMO_TOKENIZER = tokenizer_lib.__file__.replace("tokenizer.py", "assets/cxr_demo_spm.model")
+DEMO_TOKENIZER = pathlib.Path(tokenizer_lib.__file__).parent / "assets" / "cxr_demo_spm.model"
 
 
 @functools.lru_cache(maxsize=4)
-def _default_tokenizer(path=DEMO_TOKENIZER):
+def default_tokenizer(path=DEMO_TOKENIZER):
+  """The shipped demo tokenizer (loaded once)."""
   return tokenizer_lib.Tokenizer(path)
 
 
@@ -50,7 +52,7 @@ def _check_len(text_len):
 @PP_OPS.register("tokenize_train")
 def get_tokenize_train(text_len, prefix_key="prefix", suffix_key="suffix", tokenizer=None):
   _check_len(text_len)
-  tok = tokenizer or _default_tokenizer()
+  tok = tokenizer or default_tokenizer()
   enc = _encoder(tok)
 
   def _tok(data):
@@ -64,7 +66,7 @@ def get_tokenize_train(text_len, prefix_key="prefix", suffix_key="suffix", token
 @PP_OPS.register("tokenize_eval")
 def get_tokenize_eval(text_len, prefix_key="prefix", suffix_key="suffix", tokenizer=None):
   _check_len(text_len)
-  tok = tokenizer or _default_tokenizer()
+  tok = tokenizer or default_tokenizer()
   enc = _encoder(tok)
 
   def _tok(data):
