@@ -277,7 +277,7 @@ def test_every_evaluator_runs_on_the_real_pipeline_and_predictor():
   from big_vision_cxr.models import paligemma as pg
   from big_vision_cxr.pp import ops_text
   from big_vision_cxr.registry import EVALUATORS
-  tok = ops_text._default_tokenizer()
+  tok = ops_text.default_tokenizer()
   model_cfg = pg.get_config("tiny")
   model_cfg.llm.vocab_size = tok.vocab_size
   model = pg.Model(**model_cfg)
