@@ -37,6 +37,8 @@ def tiny(request):
 
 def test_registered_and_variants():
   assert MODELS.get("paligemma") is pg.Model
+  cfg = pg.get_config("tiny")
+  assert hash(pg.Model(**cfg)) == hash(pg.Model(**cfg.to_dict()))  # Usable as a jit static arg.
   with pytest.raises(ValueError, match="pg1_3b_224"):
     pg.get_config("pg3_nope")
 

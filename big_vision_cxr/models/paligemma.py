@@ -7,6 +7,7 @@ everything before, 1: causal). See docs/ARCHITECTURE.md ("Model") for the contra
 import re
 from typing import Any, Mapping
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -79,6 +80,12 @@ class Model(nn.Module):
   """PaliGemma. `img` and `llm` are the kwargs of vit.Model and gemma.Model."""
   img: Mapping[str, Any]
   llm: Mapping[str, Any]
+
+  def __post_init__(self):
+    # Frozen (hashable) copies, so that a Model can be a static argument of jax.jit.
+    object.__setattr__(self, "img", flax.core.FrozenDict(dict(self.img)))
+    object.__setattr__(self, "llm", flax.core.FrozenDict(dict(self.llm)))
+    super().__post_init__()
 
   def setup(self):
     llm = dict(self.llm)
