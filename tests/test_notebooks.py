@@ -1,0 +1,90 @@
+"""The notebooks run end to end on CPU with tiny settings, so they cannot rot.
+
+Parameters are injected papermill-style: a cell after the one tagged `parameters`.
+"""
+import os
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_notebook(name, params, tmp_path, timeout=600):
+  """Executes notebooks/NAME with `params` injected; returns the executed notebook."""
+  nb = nbformat.read(REPO / "notebooks" / name, as_version=4)
+  index = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", ()))
+  source = "\n".join(f"{k} = {v!r}" for k, v in params.items())
+  cell = nbformat.v4.new_code_cell(source)
+  cell.metadata["tags"] = ["injected-parameters"]
+  nb.cells.insert(index + 1, cell)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+  client = nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                                   resources={"metadata": {"path": str(REPO)}})
+  old = dict(os.environ)
+  os.environ.update(env)  # the kernel inherits this process's environment
+  try:
+    client.execute()
+  finally:
+    os.environ.clear()
+    os.environ.update(old)
+  nbformat.write(nb, tmp_path / name)  # kept for debugging a failure
+  return nb
+
+
+def _text(nb):
+  return "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+
+
+def _has_png(cell):
+  return any("image/png" in o.get("data", {}) for o in cell.outputs)
+
+
+@pytest.mark.slow
+def test_finetune_notebook_trains_evaluates_and_draws(tmp_path):
+  evals = {"diagnosis": dict(type="diagnosis", pred_kw=dict(max_decode_len=8), task="diagnosis",
+                             split="test", batch_size=8, log_steps=0)}
+  workdir = tmp_path / "workdir"
+  nb = run_notebook("finetune_tpu.ipynb", dict(
+      INSTALL=False, WORKDIR=str(workdir), VIS_TASKS=("diagnosis", "detection"),
+      OVERRIDES={"total_steps": 2, "ckpt_steps": 2, "input.batch_size": 4,
+                 "input.datasets": {"phantom": dict(source="phantom", n=24, size=64, difficulty=0.0, seed=0)},
+                 "input.tasks": ("diagnosis", "detection"), "evals": evals,
+                 "table_metrics": {"diagnosis": ("accuracy",)}}), tmp_path)
+  assert (workdir / "checkpoints" / "2").is_dir()
+  text = _text(nb)
+  assert "step 2" in text and "diagnosis/accuracy" in text
+  assert "predicted:" in text and "probability_tb" in text
+  assert _has_png(nb.cells[-1])
+
+
+@pytest.mark.slow
+def test_inference_notebook_predicts_and_matches_transformers(tmp_path):
+  from big_vision_cxr import npz
+  from big_vision_cxr.models import paligemma
+  from big_vision_cxr.models import vqvae
+  rng = np.random.default_rng(0)
+  shapes = paligemma.param_shapes(paligemma.get_config("demo"))
+  npz.save_npz(jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype), shapes),
+               tmp_path / "model.npz")
+  vq_shapes = jax.eval_shape(lambda k: vqvae.Model(vqvae.Config()).init(
+      k, np.zeros((1, vqvae.MASK_SIZE, vqvae.MASK_SIZE), np.float32))["params"], jax.random.PRNGKey(0))
+  vqvae.save_npz(jax.tree.map(lambda s: (rng.standard_normal(s.shape) * 0.2).astype(s.dtype), vq_shapes),
+                 tmp_path / "vqvae.npz")
+  out = tmp_path / "out"
+  nb = run_notebook("inference.ipynb", dict(
+      CHECKPOINT=str(tmp_path / "model.npz"), CONFIG=None, MODEL_VARIANT="demo",
+      VQVAE=str(tmp_path / "vqvae.npz"), OUT=str(out), TASKS=("diagnosis", "detection"),
+      PROMPTS=("caption en",), EXPORT_HF=True), tmp_path)
+  text = _text(nb)
+  assert "predicted 3 image(s), 0 failed" in text
+  assert sorted(p.name for p in out.glob("phantom_*")) == [
+      f"phantom_{i}.{ext}" for i in range(3) for ext in ("json", "png")]
+  assert "transformers:" in text and "greedy tokens" in text  # the notebook asserts equality
+  assert (out / "hf_export" / "model.safetensors").is_file()
+  assert any(_has_png(c) for c in nb.cells if c.cell_type == "code")
