@@ -76,15 +76,18 @@ class RMSNorm(nn.Module):
 
 
 class Einsum(nn.Module):
-  """A weight `w` of a given shape used in one einsum."""
+  """A weight `w` of a given shape used in one einsum; `in_axis` are its contracted axes
+  (lecun-normal fan-in), the last axis is the output and the others are batch axes."""
   shape: tuple
+  in_axis: Any
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, eqn, x):
-    w = self.param("w", nn.initializers.lecun_normal(in_axis=-2, out_axis=-1,
-                                                                 batch_axis=tuple(range(len(self.shape) - 2))),
-                   self.shape)
+    in_axis = (self.in_axis,) if isinstance(self.in_axis, int) else tuple(self.in_axis)
+    batch = tuple(i for i in range(len(self.shape) - 1) if i not in in_axis)
+    init = nn.initializers.lecun_normal(in_axis=in_axis, out_axis=-1, batch_axis=batch)
+    w = self.param("w", init, self.shape)
     return jnp.einsum(eqn, x, w.astype(self.dtype))
 
 
@@ -121,8 +124,8 @@ class Attention(nn.Module):
     n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
     if n % k:
       raise ValueError(f"num_heads {n} is not a multiple of num_kv_heads {k}.")
-    q = Einsum((n, width, h), self.dtype, name="q_einsum")("BTD,NDH->BTNH", x)
-    kv = Einsum((2, k, width, h), self.dtype, name="kv_einsum")("BSD,CKDH->CBSKH", x)
+    q = Einsum((n, width, h), 1, self.dtype, name="q_einsum")("BTD,NDH->BTNH", x)
+    kv = Einsum((2, k, width, h), 2, self.dtype, name="kv_einsum")("BSD,CKDH->CBSKH", x)
     keys, values = kv[0], kv[1]  # [B, T, K, H]
     q = apply_rope(q, positions) * jnp.asarray(self.query_scale, q.dtype)
     keys = apply_rope(keys, positions)
@@ -152,7 +155,7 @@ class Attention(nn.Module):
     logits = jnp.where(attn_mask[:, None, None, :, :], logits, MASKED_LOGIT)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     encoded = jnp.einsum("BKGTS,BSKH->BTKGH", probs, values).reshape(b, t, n, h)
-    return Einsum((n, h, width), self.dtype, name="attn_vec_einsum")("BTNH,NHD->BTD", encoded)
+    return Einsum((n, h, width), (0, 1), self.dtype, name="attn_vec_einsum")("BTNH,NHD->BTD", encoded)
 
 
 class FeedForward(nn.Module):
