@@ -37,7 +37,8 @@ def hf_config(kind, extra_vocab_rows=64, query_pre_attn_scalar=12):
 
 
 def make_hf_model(kind, seed=0, **config_kwargs):
-  """A float32 eager HF model with every weight random (norm scales too), in eval mode."""
+  """A float32 eager HF model with every weight random (norm scales too), in eval mode.
+  For generation parity pass extra_vocab_rows=0: HF could pick the random extra rows."""
   torch.manual_seed(seed)
   model = PaliGemmaForConditionalGeneration(hf_config(kind, **config_kwargs))
   with torch.no_grad():
