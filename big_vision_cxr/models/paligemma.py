@@ -121,6 +121,11 @@ class Model(nn.Module):
     pre_logits = self._llm(x, positions, attn_mask, decode=decode, deterministic=not train)
     return self._llm.logits(pre_logits), {"pre_logits": pre_logits}
 
+  def logits(self, pre_logits):
+    """Final-normed hidden states [B, T, D] (`out["pre_logits"]`) -> logits [B, T, V] f32.
+    Lets decoding apply the 257k-vocab head to the last prompt position only."""
+    return self._llm.logits(pre_logits)
+
   def __call__(self, image, text, mask_ar, *, train=False):
     """-> (logits [B, T, V] float32 for the text positions, out)."""
     x, input_mask, full_mask_ar = self.embed_image_and_text(image, text, mask_ar=mask_ar,
