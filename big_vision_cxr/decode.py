@@ -76,10 +76,6 @@ def _token_logprob(logits, tokens):  # [B, V], [B] -> [B]
   return chosen - jax.nn.logsumexp(logits, axis=-1)
 
 
-def _head(module, pre_logits):
-  return module._llm.logits(pre_logits)  # pylint: disable=protected-access
-
-
 def prefill(model, params, images, text, input_mask, max_decode_len, cache_dtype):
   """Runs image + prompt through the LLM once, filling a fresh cache.
 
@@ -99,7 +95,7 @@ def prefill(model, params, images, text, input_mask, max_decode_len, cache_dtype
       method="llm_forward", mutable=["cache"])
   n_valid = jnp.sum(mask, axis=1)  # [B]; valid slots are [0, n_valid).
   last = out["pre_logits"][jnp.arange(b), n_valid - 1][:, None]  # [B, 1, D]
-  logits = model.apply({"params": params}, last, method=_head)[:, 0]
+  logits = model.apply({"params": params}, last, method="logits")[:, 0]
   valid = jnp.pad(mask, ((0, 0), (0, max_decode_len)))  # [B, S]
   return logits, variables["cache"], valid, n_valid, prefix_len
 
