@@ -19,7 +19,6 @@ class FakeCodec:
 
 
 def record(label="tb", boxes=(), names=(), lung=None, zone=None, kind=None, mask=False, **kw):
-  n = len(names)
   bbox = np.asarray(boxes, np.float32).reshape(-1, 4)
   masks = curation.box_masks(bbox, 100, 100) if mask else None
   objs = records.Objects(bbox, list(names), masks, lung, zone, kind)

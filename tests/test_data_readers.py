@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from big_vision_cxr.data import images, manifest, phantom, records, splits, tbx11k
+from big_vision_cxr.data import images, manifest, phantom, splits, tbx11k
 
 
 def test_tbx11k_boxes_match_boxes_csv_and_xml(tbx11k_dir):
