@@ -1,0 +1,135 @@
+"""Predict throughput: images/s for all five tasks, against HF transformers in the same run.
+
+  python -m bench.predict_bench [--quick] [--json PATH] [--checkpoint CKPT --config CFG]
+
+Rows (same images, prompts and decode length):
+- ours, generate only: the 11 generations per image that the five tasks need
+  (diagnosis, report, 7 VQA questions, detect, segment), through decode.Predictor;
+- HF transformers, generate only: the same prompts, greedy, on the HF export of
+  the same weights (serving.export), eager attention, batched with padding;
+- ours, all five tasks: Runner.run (adds P(tb) scoring of 3 candidates, parsing,
+  box scores, VQ-VAE mask decoding and RLE);
+- ours, CLI path: predict_files on PNG files (reading, the above, JSON + overlay PNG).
+
+Without --checkpoint the weights are random (std 1) `demo` weights: the decode
+work per prompt is then set by max_decode_len (random text rarely hits EOS) and
+masks are rarely produced; a demo-trained checkpoint gives realistic lengths.
+"""
+import pathlib
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from bench import common
+from big_vision_cxr import npz
+from big_vision_cxr import predict
+from big_vision_cxr import serving
+from big_vision_cxr.data import phantom
+from big_vision_cxr.models import paligemma
+from big_vision_cxr.models import vqvae
+
+
+def _random_assets(folder, variant):
+  rng = np.random.default_rng(0)
+  shapes = paligemma.param_shapes(paligemma.get_config(variant))
+  npz.save_npz(jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype), shapes),
+               folder / "model.npz")
+  vq_shapes = jax.eval_shape(lambda k: vqvae.Model(vqvae.Config()).init(
+      k, np.zeros((1, vqvae.MASK_SIZE, vqvae.MASK_SIZE), np.float32))["params"], jax.random.PRNGKey(0))
+  vqvae.save_npz(jax.tree.map(lambda s: (rng.standard_normal(s.shape) * 0.2).astype(s.dtype), vq_shapes),
+                 folder / "vqvae.npz")
+  return folder / "model.npz", folder / "vqvae.npz"
+
+
+def _hf_generate_fn(hf_dir, jobs, pixels, batch_size, max_new_tokens):
+  import torch  # pylint: disable=import-outside-toplevel
+  from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor  # pylint: disable=import-outside-toplevel
+  processor = PaliGemmaProcessor.from_pretrained(hf_dir)
+  model = PaliGemmaForConditionalGeneration.from_pretrained(hf_dir, attn_implementation="eager").eval()
+
+  def run():
+    for start in range(0, len(jobs), batch_size):
+      chunk = jobs[start:start + batch_size]
+      inputs = processor(images=[pixels[j.index] for j in chunk],
+                         text=["<image>" + j.prefix for j in chunk], padding="longest",
+                         return_tensors="pt")
+      with torch.no_grad():
+        model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+  return run
+
+
+def main(argv=None):
+  parser = common.arg_parser(__doc__.splitlines()[0])
+  parser.add_argument("--checkpoint", help="our workdir or .npz (default: random demo weights)")
+  parser.add_argument("--config", help="training config for --checkpoint, e.g. configs/cxr_mix.py:demo")
+  parser.add_argument("--model_variant", default="demo")
+  parser.add_argument("--vqvae", help="VQ-VAE .npz (default: the demo asset or a random one)")
+  parser.add_argument("--no_hf", action="store_true", help="skip the transformers reference")
+  args = parser.parse_args(argv)
+  n_images = 4 if args.quick else 16
+  batch_size = 8
+  max_decode_len = 16 if args.quick else 64
+  repeats = 1 if args.quick else 3
+
+  with tempfile.TemporaryDirectory() as tmp:
+    tmp = pathlib.Path(tmp)
+    checkpoint, vq = args.checkpoint, args.vqvae
+    if checkpoint is None:
+      checkpoint, random_vq = _random_assets(tmp, args.model_variant)
+      vq = vq or random_vq
+    config = None
+    if args.config:
+      from big_vision_cxr import config as config_lib  # pylint: disable=import-outside-toplevel
+      config = config_lib.load_config(args.config)
+    loaded = predict.load(checkpoint, config=config, model_variant=None if config else args.model_variant,
+                          vqvae=vq, class_names=None if config else phantom.CLASS_NAMES)
+    runner = predict.Runner(loaded, batch_size=batch_size, max_decode_len=max_decode_len)
+    images = [phantom.generate(200_000 + i, size=256).image for i in range(n_images)]
+    inputs = np.stack([predict.model_input(im, loaded.image_size) for im in images])
+    jobs = predict.task_jobs(n_images, predict.TASKS, loaded.class_names)
+    files = []
+    for i, im in enumerate(images):
+      from PIL import Image  # pylint: disable=import-outside-toplevel
+      files.append(tmp / "in" / f"img{i}.png")
+      files[-1].parent.mkdir(exist_ok=True)
+      Image.fromarray(im).save(files[-1])
+
+    def ours_generate():
+      runner._generate(inputs, jobs)  # pylint: disable=protected-access
+
+    rows = []
+    def add(name, fn, ref=None):
+      seconds = common.time_fn(fn, repeats=repeats, warmup=1)
+      row = dict(path=name, images=n_images, seconds=seconds, images_per_s=n_images / seconds,
+                 generations_per_s=len(jobs) / seconds)
+      if ref is not None:
+        row["vs_hf"] = common.ratio(row["images_per_s"], ref["images_per_s"])
+      rows.append(row)
+      return row
+
+    generate_row = add("ours: generate only (11 prompts/image)", ours_generate)
+    hf_row = None
+    if not args.no_hf:
+      hf_dir = tmp / "hf"
+      serving.export(checkpoint, hf_dir, config=config,
+                     model_variant=None if config else args.model_variant)
+      pixels = [np.round((x + 1) * 127.5).astype(np.uint8) for x in inputs]
+      hf_row = add("HF transformers: generate only (torch CPU, eager)",
+                   _hf_generate_fn(hf_dir, jobs, pixels, batch_size, max_decode_len))
+      generate_row["vs_hf"] = common.ratio(generate_row["images_per_s"], hf_row["images_per_s"])
+    add("ours: all five tasks (Runner.run)", lambda: runner.run(images), hf_row)
+    add("ours: CLI path (read PNG, predict, JSON + overlay)",
+        lambda: predict.predict_files(runner, files, tmp / "out", progress=False), hf_row)
+
+  notes = [f"model: {loaded.provenance['model_variant']} ({'random std-1 weights' if args.checkpoint is None else checkpoint}), "
+           f"image {loaded.image_size} px, batch {batch_size}, max_decode_len {max_decode_len}, "
+           f"{len(jobs) // n_images} generations + 3 scorings per image; median of {repeats} after 1 warm-up.",
+           "vs_hf = our images/s / HF transformers images/s for the same generations (higher is faster)."]
+  common.report("predict throughput", rows, args, notes=notes)
+  return rows
+
+
+if __name__ == "__main__":
+  main()
