@@ -132,7 +132,9 @@ def test_cached_decoding_matches_full_forward(tiny):
   length = x.shape[1]
   mask = pg.make_attn_mask(input_mask, full_ar)
   positions = jnp.broadcast_to(jnp.arange(length), (B, length))
-  full, _ = model.apply({"params": params}, x, positions, mask, method=pg.Model.llm_forward)
+  full, out = model.apply({"params": params}, x, positions, mask, method=pg.Model.llm_forward)
+  np.testing.assert_array_equal(  # The public vocab head on pre_logits gives the same logits.
+      model.apply({"params": params}, out["pre_logits"], method=pg.Model.logits), full)
   ref = forward(params, image, text, mask_ar)
   np.testing.assert_allclose(np.asarray(full[:, -text.shape[1]:]), np.asarray(ref), atol=1e-5)
 
