@@ -54,17 +54,22 @@ def test_masks_boxes_and_findings_agree(recs):
       assert r.meta["findings"]["effusion"] in records.LUNGS
 
 
-def test_lesions_visible_at_low_resolution(recs):
-  # mean intensity inside lesion masks clearly differs from the rest of the lung
+def _lesion_contrast(recs):
+  """Median over lesions of mean grey inside the mask minus the rest of the lung."""
   diffs = []
   for r in recs:
     lung = r.meta["lung_mask"] > 0
     for m, kind in zip(r.objects.mask, r.objects.kind):
       if kind != "cavity":
-        inside = r.image[m > 0].mean()
-        rest = r.image[lung & (m == 0)].mean()
-        diffs.append(inside - rest)
-  assert len(diffs) > 20 and np.median(diffs) > 40
+        diffs.append(r.image[m > 0].mean() - r.image[lung & (m == 0)].mean())
+  return len(diffs), float(np.median(diffs))
+
+
+def test_lesions_visible_at_low_resolution_and_difficulty_knob(recs):
+  n, easy = _lesion_contrast(recs)
+  assert n > 20 and easy > 100  # difficulty 0 at 64 px: clearly visible
+  _, hard = _lesion_contrast(phantom.dataset(60, seed=3, size=64, difficulty=1.0))
+  assert 10 < hard < easy / 2
 
 
 def test_upper_zone_bias(recs):
