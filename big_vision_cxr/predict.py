@@ -35,6 +35,7 @@ from big_vision_cxr import loc_codec
 from big_vision_cxr import seg_codec as seg_codec_lib
 from big_vision_cxr import tokenizer as tokenizer_lib
 from big_vision_cxr.data import images as images_lib
+from big_vision_cxr.data import phantom
 from big_vision_cxr.data import prompts as prompts_lib
 from big_vision_cxr.data import records
 from big_vision_cxr.pp import ops_image
@@ -280,6 +281,16 @@ def restore_params(workdir, step=None):
   return state["params"], int(step_dir.name)
 
 
+def config_class_names(config):
+  """The detect/segment class names training used: config.input.class_names if set, else
+  (like input_pipeline) the phantom's classes for phantom-only data, else records.CLASS_NAMES."""
+  given = config.input.get("class_names")
+  if given:
+    return tuple(sorted(given))
+  sources = {d.get("source") for d in dict(config.input.get("datasets") or {}).values()}
+  return phantom.CLASS_NAMES if sources == {"phantom"} else records.CLASS_NAMES
+
+
 def load(checkpoint, *, config=None, model_variant=None, tokenizer=None, vqvae=None,
          class_names=None, step=None, with_vqvae=True):
   """Model, params, tokenizer and VQ-VAE for predicting.
@@ -296,7 +307,7 @@ def load(checkpoint, *, config=None, model_variant=None, tokenizer=None, vqvae=N
     variant = config.model.variant
     tokenizer = tokenizer or config.get("tokenizer")
     vqvae = vqvae or (config.get("seg_codec") or {}).get("npz")
-    class_names = class_names or config.input.get("class_names")
+    class_names = class_names or config_class_names(config)
   elif model_variant:
     model_cfg, variant = paligemma.get_config(model_variant), model_variant
   else:

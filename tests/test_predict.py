@@ -289,3 +289,14 @@ def test_cli_bad_inputs_named_rest_processed_nonzero_exit(assets, tmp_path, monk
   argv[argv.index("--input") + 1] = str(tmp_path / "empty")
   assert predict.main(argv) == 2
   assert "holds no image files" in capsys.readouterr().err
+
+
+def test_class_names_follow_the_training_config():
+  from big_vision_cxr import config as config_lib
+  from big_vision_cxr.data import records
+  demo = config_lib.load_config(str(pathlib.Path(__file__).parents[1] / "configs" / "cxr_mix.py") + ":demo")
+  assert predict.config_class_names(demo) == phantom.CLASS_NAMES
+  demo.input.class_names = ("latent tb", "active tb", "uncertain tb")
+  assert predict.config_class_names(demo) == ("active tb", "latent tb", "uncertain tb")
+  paper = config_lib.load_config(str(pathlib.Path(__file__).parents[1] / "configs" / "cxr_mix.py"))
+  assert predict.config_class_names(paper) == records.CLASS_NAMES
