@@ -22,6 +22,7 @@ import optax
 
 from big_vision_cxr import checkpointing
 from big_vision_cxr import config as config_lib
+from big_vision_cxr import npz
 from big_vision_cxr import optim
 from big_vision_cxr import sharding
 from big_vision_cxr.registry import MODELS
@@ -495,7 +496,7 @@ def main(argv=None):
     config, workdir = config_lib.parse_flags(sys.argv[1:] if argv is None else argv)
     summary = train(config, workdir)
   except (config_lib.ConfigError, sharding.ShardingError, optim.OptimConfigError,
-          checkpointing.CheckpointError, NonFiniteLossError) as e:
+          checkpointing.CheckpointError, npz.CheckpointError, NonFiniteLossError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(json.dumps({"step": summary["step"], **summary["train"], **summary["eval"]}))

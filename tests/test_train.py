@@ -18,6 +18,7 @@ from big_vision_cxr import train
 def stand_in(monkeypatch):
   """train.py with the seeded stand-in batches (no tokenizer, no input pipeline)."""
   monkeypatch.setattr(train, "make_tokenizer", lambda config: None)
+  monkeypatch.setattr(train, "make_seg_codec", lambda config: None)
 
   def use(**kw):
     monkeypatch.setattr(train, "make_train_iter", lambda config, tok, seg: lib.StandInBatches(
@@ -174,3 +175,18 @@ def test_single_task_runs_with_its_evaluator_and_baseline_table(tmp_path, capsys
   assert held_out and row["trivial"] == pytest.approx(
       np.mean([e.suffix == majority for e in held_out]))
   assert row["model"] == summary["eval"]["diagnosis/accuracy"]
+
+
+def test_model_init_loads_the_npz_and_frozen_params_keep_its_values(stand_in, tmp_path):
+  from big_vision_cxr import npz  # pylint: disable=g-import-not-at-top
+  config = lib.tiny_config(total_steps=2)
+  model = train.build_model(config)
+  weights = jax.device_get(train.init_params_fn(model, config, None)(jax.random.key(7)))
+  weights = jax.tree.map(lambda x: x + 0.5, weights)  # distinct from any fresh init
+  npz.save_npz({"params": weights}, str(tmp_path / "init.npz"))
+  config.model_init = str(tmp_path / "init.npz")
+  summary = train.train(config, tmp_path / "run")
+  after = jax.device_get(summary["state"]["params"])
+  jax.tree.map(np.testing.assert_array_equal, after["img"], weights["img"])
+  np.testing.assert_allclose(after["llm"]["final_norm"]["scale"],
+                             weights["llm"]["final_norm"]["scale"], atol=0.05)  # 2 small steps
