@@ -2,7 +2,6 @@
 import collections
 import csv
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -41,43 +40,49 @@ def test_tbx11k_images_are_512_grey(tbx11k_dir):
   assert all(r.image.shape == (512, 512) and r.image.dtype == np.uint8 for r in recs)
 
 
-def _fake_tbx11k(tmp_path, tbx11k_dir):
+def _voc_xml(width, height, boxes):
+  objs = "".join(
+      f"<object><name>{name}</name><difficult>0</difficult><bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin>"
+      f"<xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>" for name, x0, y0, x1, y1 in boxes)
+  return f"<annotation><size><width>{width}</width><height>{height}</height></size>{objs}</annotation>"
+
+
+def fake_tbx11k(tmp_path):
+  """A TBX11K-layout folder of phantom PNGs: 2 good TB, 1 healthy, 3 bad, 1 listed but absent."""
   root = tmp_path / "TBX11K"
   for d in ("lists", "imgs/tb", "imgs/health", "annotations/xml"):
     (root / d).mkdir(parents=True)
-  src = tbx11k_dir / "TBX11K"
-  good = ["tb0003", "tb0009"]
-  for stem in good:
-    shutil.copy(src / f"imgs/tb/{stem}.png", root / f"imgs/tb/{stem}.png")
-    shutil.copy(src / f"annotations/xml/{stem}.xml", root / f"annotations/xml/{stem}.xml")
-  shutil.copy(src / "imgs/tb/tb0015.png", root / "imgs/tb/outside.png")
-  (root / "annotations/xml/outside.xml").write_text(
-      "<annotation><size><width>100</width><height>100</height></size><object>"
-      "<name>ActiveTuberculosis</name><difficult>0</difficult><bndbox><xmin>10</xmin>"
-      "<ymin>10</ymin><xmax>150</xmax><ymax>50</ymax></bndbox></object></annotation>")
+  for i, stem in enumerate(["tb0001", "tb0002", "outside", "noxml"]):
+    Image.fromarray(phantom.generate(i, size=64).image).save(root / f"imgs/tb/{stem}.png")
+  xml = root / "annotations/xml"
+  (xml / "tb0001.xml").write_text(_voc_xml(2000, 1000, [("ActiveTuberculosis", 200, 100, 600, 400)]))
+  (xml / "tb0002.xml").write_text(_voc_xml(1000, 1000, [("ObsoletePulmonaryTuberculosis", 100, 100, 300, 200),
+                                                        ("ActiveTuberculosis", 500, 50, 900, 450)]))
+  (xml / "outside.xml").write_text(_voc_xml(100, 100, [("ActiveTuberculosis", 10, 10, 150, 50)]))
   (root / "imgs/tb/corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-  shutil.copy(src / "annotations/xml/tb0003.xml", root / "annotations/xml/corrupt.xml")
-  shutil.copy(src / "imgs/tb/tb0015.png", root / "imgs/tb/noxml.png")
+  (xml / "corrupt.xml").write_text(_voc_xml(100, 100, [("ActiveTuberculosis", 10, 10, 50, 50)]))
   Image.fromarray(np.full((64, 64), 90, np.uint8)).save(root / "imgs/health/h1.png")
-  names = ["tb/tb0003.png", "tb/tb0009.png", "tb/outside.png", "tb/corrupt.png", "tb/noxml.png",
+  names = ["tb/tb0001.png", "tb/tb0002.png", "tb/outside.png", "tb/corrupt.png", "tb/noxml.png",
            "health/h1.png", "tb/absent.png"]
   (root / "lists/TBX11K_train.txt").write_text("\n".join(names) + "\n")
   (root / "lists/TBX11K_val.txt").write_text("")
   return tmp_path
 
 
-def test_tbx11k_bad_input_is_skipped_and_named(tmp_path, tbx11k_dir):
-  root = _fake_tbx11k(tmp_path, tbx11k_dir)
-  recs, skips = tbx11k.read(root)
-  assert sorted(r.image_id for r in recs) == ["h1", "tb0003", "tb0009"]
-  assert [r.label for r in sorted(recs, key=lambda r: r.image_id)] == ["normal", "tb", "tb"]
+def test_tbx11k_layout_boxes_and_bad_input(tmp_path):
+  recs, skips = tbx11k.read(fake_tbx11k(tmp_path))
+  recs = {r.image_id: r for r in recs}
+  assert sorted(recs) == ["h1", "tb0001", "tb0002"]
+  assert recs["h1"].label == "normal" and len(recs["h1"].objects) == 0
+  np.testing.assert_allclose(recs["tb0001"].objects.bbox, [[0.1, 0.1, 0.4, 0.3]])  # / XML size
+  assert recs["tb0002"].objects.label == ["latent tb", "active tb"]
   reasons = dict(skips.items)
   assert len(skips) == 3 and skips.absent == ["imgs/tb/absent.png"]
   assert "outside.xml" in reasons["imgs/tb/outside.png"] and "outside" in reasons["imgs/tb/outside.png"]
   assert "corrupt.png" in reasons["imgs/tb/corrupt.png"]
   assert "annotation missing" in reasons["imgs/tb/noxml.png"]
   with pytest.raises(tbx11k.TBX11KError, match="outside.xml"):
-    tbx11k.read(root, on_error="raise")
+    tbx11k.read(tmp_path, on_error="raise")
 
 
 def test_nih_normals_through_the_manifest(nih_dir):

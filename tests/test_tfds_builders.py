@@ -146,9 +146,9 @@ def test_build_cli_and_pipeline_source(phantom_built, tmp_path, capsys):
   assert len(units["diagnosis"]) == phantom_built.info.splits["val"].num_examples
 
 
-def test_bad_tbx11k_files_are_counted_in_metadata(tmp_path, tbx11k_dir):
-  from test_data_readers import _fake_tbx11k  # pylint: disable=import-outside-toplevel
-  builder = build(tmp_path, "tbx11k", manual_dir=_fake_tbx11k(tmp_path, tbx11k_dir))
+def test_bad_tbx11k_files_are_counted_in_metadata(tmp_path):
+  from test_data_readers import fake_tbx11k  # pylint: disable=import-outside-toplevel
+  builder = build(tmp_path, "tbx11k", manual_dir=fake_tbx11k(tmp_path))
   assert builder.info.splits["train"].num_examples == 3
   skipped = builder.info.metadata["skipped"]
   assert skipped["count"] == 3 and skipped["absent_count"] == 1
