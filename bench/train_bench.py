@@ -157,7 +157,8 @@ def bench_config(name, batch, repeats, peak):
 
 def main(argv=None):
   parser = common.arg_parser(__doc__.split("\n\n")[0])
-  parser.add_argument("--configs", default="tiny,bench_100m", help="paligemma variants")
+  parser.add_argument("--configs", default=None,
+                      help="paligemma variants (default tiny,bench_100m; --quick: tiny)")
   parser.add_argument("--repeats", type=int, default=None)
   args = parser.parse_args(argv)
   import torch  # pylint: disable=import-outside-toplevel
@@ -166,9 +167,9 @@ def main(argv=None):
   torch.set_num_threads(os.cpu_count())
   repeats = args.repeats or (2 if args.quick else 5)
   peak = matmul_peak_flops(1024 if args.quick else 2048)
-  batches = {"tiny": 8, "bench_100m": 1 if args.quick else 4}
-  rows = [bench_config(name, batches.get(name, 4), repeats, peak)
-          for name in args.configs.split(",")]
+  batches = {"tiny": 8, "bench_100m": 4}
+  configs = (args.configs or ("tiny" if args.quick else "tiny,bench_100m")).split(",")
+  rows = [bench_config(name, batches.get(name, 4), repeats, peak) for name in configs]
   columns = ["config", "params_m", "trained_m", "batch", "step_s_ours", "step_s_hf", "step_ratio",
              "ex_s_ours", "ex_s_hf", "tok_s_ours", "tok_s_hf", "gflop_step", "mfu_ours",
              "mfu_hf", "first_loss_ours", "first_loss_hf"]
