@@ -29,6 +29,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 
 import numpy as np
 
@@ -333,21 +334,25 @@ def evaluation(config, *, task, split, batch_size, tokenizer, seg_codec=None, pr
   """Yields (batch, ground_truths) over every `task` example of `split`, in order.
 
   The batch holds 'image', eval-layout 'text', 'mask_ar', 'mask_input' (prefix
-  only) and 'valid' [B] bool: the last batch is padded by repeating its last
-  example; `ground_truths` lists only the valid ones.
+  only) and 'valid' [B] bool. Process p takes examples p, p + P, ...; every
+  process yields the same number of batches (multi-host jit needs it), padded
+  by repeating an example with valid=False; `ground_truths` lists only the
+  valid rows, which come first.
   """
   if task not in prompts.TASKS:
     raise InputError(f"unknown task {task!r}; known: {prompts.TASKS}")
   seg_codec = _seg_codec(dict(_plain(config), tasks=(task,)), seg_codec)
   units = curated_units(config, split=split, seg_codec=seg_codec, tasks=(task,))
-  exs = [ex for unit in units.values() for ex in unit][process_index::process_count]
-  if not exs:
-    logging.warning("evaluation: no %s examples in split %r (process %d of %d)", task, split,
-                    process_index, process_count)
+  everything = [ex for unit in units.values() for ex in unit]
+  if not everything:
+    logging.warning("evaluation: no %s examples in split %r", task, split)
+    return
+  exs = everything[process_index::process_count]
+  n_batches = math.ceil(math.ceil(len(everything) / process_count) / batch_size)
   processor = _Processor(config, tokenizer, train=False)
-  for start in range(0, len(exs), batch_size):
-    chunk = exs[start:start + batch_size]
+  for b in range(n_batches):
+    chunk = exs[b * batch_size:(b + 1) * batch_size]
     valid = np.arange(batch_size) < len(chunk)
-    chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))
+    chunk = chunk + [(chunk or everything)[-1]] * (batch_size - len(chunk))
     yield ({**processor.batch(chunk), "valid": valid},
            [e.ground_truth() for e, v in zip(chunk, valid) if v])

@@ -196,3 +196,17 @@ def test_segmentation_through_the_vqvae_codec(tok):
                                   codec.encode(e.objects.mask, e.objects.bbox))
   batch = next(ip.training(cfg, batch_size=4, seed=0, tokenizer=tok, seg_codec=codec))
   assert set(batch["task_id"]) == {prompts.TASKS.index("segmentation")}
+
+
+def test_evaluation_hosts_get_equal_batch_counts(tok):
+  cfg = config()
+  whole = [g for _, gts in ip.evaluation(cfg, task="diagnosis", split="val", batch_size=4, tokenizer=tok)
+           for g in gts]
+  hosts = [list(ip.evaluation(cfg, task="diagnosis", split="val", batch_size=4, tokenizer=tok,
+                              process_index=p, process_count=3)) for p in range(3)]
+  assert len({len(h) for h in hosts}) == 1  # same number of batches on every host
+  ids = sorted(g["image_id"] for h in hosts for _, gts in h for g in gts)
+  assert ids == sorted(g["image_id"] for g in whole) and len(whole) % 3 != 0
+  for h in hosts:
+    for batch, gts in h:
+      assert batch["valid"].sum() == len(gts) and batch["text"].shape[0] == 4
