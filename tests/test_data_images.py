@@ -112,3 +112,17 @@ def test_dicom_voi_lut_sequence_is_applied(tmp_path, ramp):
   out = images.read_image(path)
   plain = images.read_image(write_dicom(tmp_path / "plain.dcm", ramp))
   np.testing.assert_array_equal(out, 255 - plain)
+
+
+def test_paths_stay_inside_the_root(tmp_path):
+  root = tmp_path / "data"
+  (root / "sub").mkdir(parents=True)
+  Image.fromarray(np.zeros((4, 4), np.uint8)).save(root / "sub" / "a.png")
+  outside = tmp_path / "elsewhere.png"
+  Image.fromarray(np.zeros((4, 4), np.uint8)).save(outside)
+  assert images.safe_path(root, "sub/../sub/a.png") == root / "sub" / "a.png"
+  for bad in ("../elsewhere.png", str(outside), "sub/../../elsewhere.png"):
+    with pytest.raises(images.DataPathError, match="escapes the dataset root"):
+      images.safe_path(root, bad)
+  (root / "link.png").symlink_to(outside)  # placed by the dataset's owner: trusted
+  assert images.read_image("link.png", root=root).shape == (4, 4)

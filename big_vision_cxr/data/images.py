@@ -67,12 +67,13 @@ def map_ordered(fn, items, workers=None):
 
 
 def safe_path(root, relative, *, max_bytes=MAX_BYTES, must_exist=True):
-  """`root / relative` resolved; must stay inside root, exist and be at most max_bytes."""
-  root = pathlib.Path(root).resolve()
+  """`root / relative`, which must stay inside root (lexically: `..` and absolute paths are
+  refused, symlinks placed inside the root are trusted), exist and be at most max_bytes."""
+  root = pathlib.Path(os.path.abspath(root))
   rel = str(relative)
   if not rel or "\x00" in rel:
     raise DataPathError(f"empty or invalid path {relative!r} (dataset root {root})")
-  path = (root / rel).resolve()
+  path = pathlib.Path(os.path.normpath(root / rel))
   if path != root and root not in path.parents:
     raise DataPathError(f"path {relative!r} escapes the dataset root {root}")
   if must_exist:
