@@ -152,8 +152,7 @@ def generate(index: int, *, seed: int = 0, size: int = 256, difficulty: float = 
   if label == "tb":
     plan = []
     for cls in tb_classes:
-      n = int(rng.integers(1, 3)) if cls == "active tb" else int(rng.integers(1, 3))
-      plan += [cls] * n
+      plan += [cls] * int(rng.integers(1, 3))  # 1-2 lesions per class
     for cls in plan:
       kind = (str(rng.choice(["consolidation", "cavity", "nodular opacity"], p=[0.45, 0.3, 0.25]))
               if cls == "active tb" else "calcified nodule")
