@@ -386,7 +386,7 @@ def _run_evals(evaluators, state, step, total_steps, lora_cfg):
         common.write_jsonl(evaluator.outfile, records[name])
       for key, value in evaluator.compute_metrics(records[name], **evaluator.metric_kw).items():
         results[f"{name}/{key}"] = float(value)
-      logging.info("eval %s at step %d: %.1f s", name, step, time.perf_counter() - t0)
+      results[f"{name}/eval_s"] = time.perf_counter() - t0
   return results, records
 
 
@@ -471,8 +471,10 @@ def _loop(config, state, update, train_iter, mesh, ckpt, evaluators, writer, rng
     check(pending)
   progress.close()
   ckpt.wait()
+  wall = time.perf_counter() - t_start
+  writer.write(step, {"wall_s": wall})
   return {"step": step, "train": dict(window), "eval": eval_results, "records": eval_records,
-          "state": state, "train_s": time.perf_counter() - t_start}
+          "state": state, "wall_s": wall}
 
 
 def _progress(start, total):
@@ -492,6 +494,7 @@ def _progress(start, total):
 
 def main(argv=None):
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  logging.getLogger().setLevel(logging.INFO)
   try:
     config, workdir = config_lib.parse_flags(sys.argv[1:] if argv is None else argv)
     summary = train(config, workdir)
