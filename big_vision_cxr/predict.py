@@ -176,7 +176,7 @@ def header_lines(result):
   if result.get("report"):
     lines.append(f"report: {result['report']}")
   for item in result.get("prompts", []):
-    lines.append(f"{item['prompt'].strip()} -> {item['text']}")
+    lines.append(f"{item['prompt'].strip()} -> {item['text'] or '(no output)'}")
   return lines
 
 
@@ -334,7 +334,8 @@ def load(checkpoint, *, config=None, model_variant=None, tokenizer=None, vqvae=N
     raise PredictError(f"tokenizer {tokenizer} has {tok.vocab_size} tokens but the model "
                        f"(variant {variant}) has a vocabulary of {vocab}: they must be equal.")
   provenance = dict(checkpoint=str(checkpoint), step=step, model_variant=variant,
-                    tokenizer=str(tokenizer), vqvae=str(vqvae), class_names=list(class_names))
+                    tokenizer=str(tokenizer), vqvae=str(vqvae) if with_vqvae else None,
+                    class_names=list(class_names))
   codec = seg_codec_lib.SegCodec.from_npz(vqvae) if with_vqvae else None
   return Loaded(model=model, model_cfg=model_cfg, params=params, tokenizer=tok, seg_codec=codec,
                 image_size=int(model_cfg["img"]["image_size"]), class_names=class_names,
@@ -380,6 +381,11 @@ def model_input(image, size):
   """uint8 [H, W] -> float32 [size, size, 3] in [-1, 1], as the training pipeline does."""
   rgb = ops_image.to_rgb(image)
   return ops_image.value_range(ops_image.resize(rgb, size), -1.0, 1.0)
+
+
+def needs_masks(prompt):
+  """Whether a free prompt asks for masks (PaliGemma's `segment ...` family)."""
+  return prompt.strip().startswith("segment")
 
 
 def _question(prefix):
@@ -567,7 +573,7 @@ def main(argv=None):
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     loaded = load(args.checkpoint, config=config, model_variant=args.model_variant,
                   tokenizer=args.tokenizer, vqvae=args.vqvae, class_names=classes, step=args.step,
-                  with_vqvae="segmentation" in tasks or bool(args.prompt))
+                  with_vqvae="segmentation" in tasks or any(needs_masks(p) for p in args.prompt))
     runner = Runner(loaded, tasks=tasks, prompts=args.prompt, batch_size=args.batch_size,
                     max_decode_len=args.max_decode_len)
   except (PredictError, tokenizer_lib.TokenizerError, ValueError, OSError) as e:
