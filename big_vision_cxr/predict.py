@@ -306,7 +306,7 @@ def load(checkpoint, *, config=None, model_variant=None, tokenizer=None, vqvae=N
     model_cfg = train.model_config(config)
     variant = config.model.variant
     tokenizer = tokenizer or config.get("tokenizer")
-    vqvae = vqvae or (config.get("seg_codec") or {}).get("npz")
+    vqvae = vqvae or config.input.get("seg_codec")
     class_names = class_names or config_class_names(config)
   elif model_variant:
     model_cfg, variant = paligemma.get_config(model_variant), model_variant

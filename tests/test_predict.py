@@ -300,3 +300,28 @@ def test_class_names_follow_the_training_config():
   assert predict.config_class_names(demo) == ("active tb", "latent tb", "uncertain tb")
   paper = config_lib.load_config(str(pathlib.Path(__file__).parents[1] / "configs" / "cxr_mix.py"))
   assert predict.config_class_names(paper) == records.CLASS_NAMES
+
+
+def test_lora_workdir_is_merged_with_the_training_config(assets, tmp_path):
+  from big_vision_cxr import config as config_lib
+  from big_vision_cxr import optim
+  config = config_lib.load_config(str(pathlib.Path(__file__).parents[1] / "configs" / "cxr_mix.py")
+                                  + ":demo,lora")
+  params = assets["params"]
+  lora = optim.lora_init(config.lora, params, jax.random.PRNGKey(3))
+  lora = jax.tree.map(lambda x: np.asarray(x) + 0.01, lora)  # B != 0: the merge must show
+  ckpt = checkpointing.Checkpointer(tmp_path / "wd", async_save=False)
+  ckpt.save(5, {"step": np.int32(5), "params": {**params, "lora": lora}})
+  ckpt.close()
+  loaded = predict.load(tmp_path / "wd", config=config, vqvae=assets["vqvae"])
+  name = "llm~layers~attn~q_einsum~w"
+  w = params["llm"]["layers"]["attn"]["q_einsum"]["w"]
+  delta = np.einsum("...mr,...rn->...mn", lora[name]["a"], lora[name]["b"]).reshape(w.shape)
+  want = w + config.lora.alpha / config.lora.rank * delta
+  np.testing.assert_allclose(np.asarray(loaded.params["llm"]["layers"]["attn"]["q_einsum"]["w"]),
+                             want, rtol=1e-5, atol=1e-6)
+  assert "lora" not in loaded.params
+  np.testing.assert_array_equal(np.asarray(loaded.params["img"]["embedding"]["kernel"]),
+                                params["img"]["embedding"]["kernel"])
+  with pytest.raises(predict.PredictError, match="LoRA params: pass the training --config"):
+    predict.load(tmp_path / "wd", model_variant=VARIANT, vqvae=assets["vqvae"])
