@@ -71,7 +71,7 @@ def main(argv=None):
   n_images = 2 if args.quick else 8
   batch_size = 8
   max_decode_len = 8 if args.quick else 32
-  repeats = 1 if args.quick else 3
+  repeats = 1 if args.quick else 5
 
   with tempfile.TemporaryDirectory() as tmp:
     tmp = pathlib.Path(tmp)
