@@ -223,6 +223,7 @@ def save_npz(params, path):
   try:
     with os.fdopen(fd, "wb") as f:
       np.savez_compressed(f, **to_torch_layout(params))
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
