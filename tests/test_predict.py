@@ -325,3 +325,23 @@ def test_lora_workdir_is_merged_with_the_training_config(assets, tmp_path):
                                 params["img"]["embedding"]["kernel"])
   with pytest.raises(predict.PredictError, match="LoRA params: pass the training --config"):
     predict.load(tmp_path / "wd", model_variant=VARIANT, vqvae=assets["vqvae"])
+
+
+def test_a_failing_image_in_a_batch_is_isolated(tmp_path):
+  """When a batch fails, its images are retried one by one: only the bad one is reported."""
+  class FakeRunner:
+    batch_size = 3
+    calls = []
+
+    def run(self, images):
+      self.calls.append(len(images))
+      if any(im.max() == 0 for im in images):
+        raise FloatingPointError("boom")
+      return [dict(height=im.shape[0], width=im.shape[1]) for im in images]
+
+  files = [_save_png(tmp_path / f"{i}.png", np.full((40, 40), 0 if i == 1 else 99, np.uint8))
+           for i in range(4)]
+  summary = predict.predict_files(FakeRunner(), files, tmp_path / "out", overlay=False, progress=False)
+  assert [p.name for p, _ in summary.done] == ["0.png", "2.png", "3.png"]
+  assert len(summary.failed) == 1 and "1.png: prediction failed: FloatingPointError: boom" in summary.failed[0][1]
+  assert FakeRunner.calls == [3, 1, 1, 1, 1]  # the failed batch of 3, its retries, then the last file
