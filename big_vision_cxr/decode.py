@@ -11,6 +11,10 @@ contiguous positions 0..n-1 for the real prefix, then n, n+1, ... for the suffix
 The prefill runs the whole prefix once and fills the cache; each later step feeds
 one token. Only the last prefix position's logits are computed (the full-vocab
 head on every prefix position would dominate memory with a 257k vocabulary).
+With a 257k vocabulary the tied head dominates each decode step: `head_dtype=
+jnp.bfloat16` runs it on a bfloat16 copy of the table (cast once per call) with
+float32 accumulation, about half the memory traffic; the default (None) is the
+model's exact head.
 
 Log-probabilities: every returned `token_logprobs[i]` is log_softmax of the
 model's *untempered, unmasked* logits for the chosen token, i.e. the model's own
@@ -30,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from big_vision_cxr.models.gemma import softcap
 from big_vision_cxr.models.paligemma import make_attn_mask
 
 SAMPLERS = ("greedy", "temperature", "top_k", "top_p")
@@ -76,7 +81,26 @@ def _token_logprob(logits, tokens):  # [B, V], [B] -> [B]
   return chosen - jax.nn.logsumexp(logits, axis=-1)
 
 
-def prefill(model, params, images, text, input_mask, max_decode_len, cache_dtype):
+def head_table(params, head_dtype):
+  """The tied head's table in `head_dtype` (None: the exact head of `Model.logits`)."""
+  if head_dtype is None:
+    return None
+  return params["llm"]["embedder"]["input_embedding"].astype(head_dtype)
+
+
+def head_logits(model, params, pre_logits, table=None):
+  """pre_logits [B, D] -> logits [B, V] f32: `Model.logits`, or with a reduced-precision
+  `table` [V, D] the same tied head and softcap with float32 accumulation."""
+  if table is None:
+    return model.apply({"params": params}, pre_logits[:, None], method="logits")[:, 0]
+  rows = pre_logits.astype(table.dtype)
+  if rows.shape[0] == 1:  # XLA:CPU's bf16 matrix-vector path is slow; 2 rows use the GEMM.
+    rows = jnp.concatenate([rows, rows])
+  logits = jnp.einsum("BD,VD->BV", rows, table, preferred_element_type=jnp.float32)
+  return softcap(logits[:pre_logits.shape[0]], model.llm.get("final_logits_softcap"))
+
+
+def prefill(model, params, images, text, input_mask, max_decode_len, cache_dtype, table=None):
   """Runs image + prompt through the LLM once, filling a fresh cache.
 
   text, input_mask [B, P]: BOS + prompt + "\\n", left-aligned, pads masked.
@@ -94,25 +118,26 @@ def prefill(model, params, images, text, input_mask, max_decode_len, cache_dtype
       {"params": params, "cache": cache}, x, positions, attn_mask, decode=True,
       method="llm_forward", mutable=["cache"])
   n_valid = jnp.sum(mask, axis=1)  # [B]; valid slots are [0, n_valid).
-  last = out["pre_logits"][jnp.arange(b), n_valid - 1][:, None]  # [B, 1, D]
-  logits = model.apply({"params": params}, last, method="logits")[:, 0]
+  last = out["pre_logits"][jnp.arange(b), n_valid - 1]  # [B, D]
+  logits = head_logits(model, params, last, table)
   valid = jnp.pad(mask, ((0, 0), (0, max_decode_len)))  # [B, S]
   return logits, variables["cache"], valid, n_valid, prefix_len
 
 
-def extend(model, params, cache, tokens, positions, valid):
+def extend(model, params, cache, tokens, positions, valid, table=None):
   """Feeds one token per example (tokens, positions [B]); valid [B, S] must
   already include its slot. Returns (logits [B, V] f32, cache)."""
-  (logits, _), variables = model.apply(
+  (_, out), variables = model.apply(
       {"params": params, "cache": cache}, tokens[:, None], positions[:, None], valid[:, None, :],
       decode=True, method="llm_forward", mutable=["cache"])
-  return logits[:, 0], variables["cache"]
+  return head_logits(model, params, out["pre_logits"][:, 0], table), variables["cache"]
 
 
 def _sample(model, params, images, text, input_mask, rng, *, max_decode_len, eos_id, pick,
-            cache_dtype):
+            cache_dtype, head_dtype):
+  table = head_table(params, head_dtype)
   logits, cache, valid, n_valid, prefix_len = prefill(
-      model, params, images, text, input_mask, max_decode_len, cache_dtype)
+      model, params, images, text, input_mask, max_decode_len, cache_dtype, table)
   b = text.shape[0]
   rng = jax.random.PRNGKey(0) if rng is None else rng
 
@@ -128,7 +153,7 @@ def _sample(model, params, images, text, input_mask, rng, *, max_decode_len, eos
     t = state["t"]  # Feed token t-1 into slot prefix_len + t - 1 at position n_valid + t - 1.
     valid = state["valid"].at[:, prefix_len + t - 1].set(True)
     logits, cache = extend(model, params, state["cache"], state["tokens"][:, t - 1],
-                           n_valid + t - 1, valid)
+                           n_valid + t - 1, valid, table)
     return record(dict(state, cache=cache, valid=valid), logits)
 
   def cond(state):
@@ -142,11 +167,12 @@ def _sample(model, params, images, text, input_mask, rng, *, max_decode_len, eos
 
 
 def _beam(model, params, images, text, input_mask, rng, *, max_decode_len, eos_id, beam_size,
-          cache_dtype):
+          cache_dtype, head_dtype):
   del rng  # Deterministic.
   k = beam_size
+  table = head_table(params, head_dtype)
   logits, cache, valid, n_valid, prefix_len = prefill(
-      model, params, images, text, input_mask, max_decode_len, cache_dtype)
+      model, params, images, text, input_mask, max_decode_len, cache_dtype, table)
   b, vocab = logits.shape
   logp0 = jax.nn.log_softmax(logits)  # [B, V]
   scores, tok = jax.lax.top_k(logp0, k)  # [B, k], sorted best first.
@@ -160,7 +186,7 @@ def _beam(model, params, images, text, input_mask, rng, *, max_decode_len, eos_i
     t = state["t"]
     valid = state["valid"].at[:, prefix_len + t - 1].set(True)
     logits, cache = extend(model, params, state["cache"], state["tokens"][:, :, t - 1].reshape(-1),
-                           n_valid + t - 1, valid)
+                           n_valid + t - 1, valid, table)
     lp = jax.nn.log_softmax(logits).reshape(b, k, vocab)
     done = state["done"]  # [B, k]; a finished beam may only add pad (0) at no cost.
     only_pad = jnp.where(jnp.arange(vocab) == 0, 0.0, -jnp.inf)
@@ -187,7 +213,8 @@ def _beam(model, params, images, text, input_mask, rng, *, max_decode_len, eos_i
 
 
 def make_generate_fn(model, *, max_decode_len, eos_id, sampler="greedy", temperature=1.0,
-                     top_k=None, top_p=None, beam_size=1, cache_dtype=jnp.float32):
+                     top_k=None, top_p=None, beam_size=1, cache_dtype=jnp.float32,
+                     head_dtype=None):
   """Jitted fn(params, images, text, input_mask, rng) -> (tokens, logprobs) [B, max_decode_len].
 
   text / input_mask [B, P]: BOS + prompt + "\\n" left-aligned, then pads (mask 0).
@@ -203,7 +230,7 @@ def make_generate_fn(model, *, max_decode_len, eos_id, sampler="greedy", tempera
                              top_p=top_p)
     fn = functools.partial(_sample, model, pick=pick)
   return jax.jit(functools.partial(fn, max_decode_len=max_decode_len, eos_id=eos_id,
-                                   cache_dtype=cache_dtype))
+                                   cache_dtype=cache_dtype, head_dtype=head_dtype))
 
 
 def make_score_fn(model):
@@ -241,14 +268,14 @@ class Predictor:
 
   def __init__(self, model, tokenizer, *, max_decode_len, sampler="greedy", beam_size=1,
                temperature=1.0, top_k=None, top_p=None, max_prompt_len=128, length_bucket=16,
-               cache_dtype=jnp.float32):
+               cache_dtype=jnp.float32, head_dtype=None):
     self.model, self.tokenizer = model, tokenizer
     self.max_decode_len, self.max_prompt_len = max_decode_len, max_prompt_len
     self.length_bucket = length_bucket
     self._generate = make_generate_fn(
         model, max_decode_len=max_decode_len, eos_id=tokenizer.eos_id, sampler=sampler,
         temperature=temperature, top_k=top_k, top_p=top_p, beam_size=beam_size,
-        cache_dtype=cache_dtype)
+        cache_dtype=cache_dtype, head_dtype=head_dtype)
     self._score = make_score_fn(model)
 
   def prompt_tokens(self, prefix):

@@ -119,6 +119,23 @@ def test_beam_search(setup, greedy, reference):
   assert np.any(logps.sum(1) > greedy[1].sum(1) + 1e-3)  # Beam search did find better ones.
 
 
+def test_beam_search_stops_at_eos(setup, reference):
+  """A hypothesis that ends with EOS keeps its score (no further costs): the best beam of
+  example 0 without EOS, cut at its 3rd token made EOS, must come back finished."""
+  model, params, images, text = setup
+  free = decode.make_generate_fn(model, max_decode_len=STEPS, eos_id=-1, beam_size=4)
+  eos = int(jax.device_get(free(params, images, text, text != 0, None))[0][0, 2])
+  fn = decode.make_generate_fn(model, max_decode_len=STEPS, eos_id=eos, beam_size=4)
+  tokens, logps = jax.device_get(fn(params, images, text, text != 0, None))
+  assert eos in tokens[0].tolist()[:3]
+  ref = reference.token_logprobs(PROMPTS, tokens)
+  for i in range(len(PROMPTS)):
+    row = tokens[i].tolist()
+    stop = row.index(eos) + 1 if eos in row else STEPS
+    np.testing.assert_allclose(logps[i, :stop], ref[i, :stop], atol=1e-5)
+    assert np.all(tokens[i, stop:] == 0) and np.all(logps[i, stop:] == 0)
+
+
 def test_beam_search_is_exact_on_two_tokens(setup, reference):
   """With 2 steps, beam k returns the best pair whose first token is among the top-k."""
   model, params, images, text = setup
@@ -159,6 +176,18 @@ def test_sampling(setup, reference, sampler, kw):
     assert np.all(better_mass < 0.5 + 1e-5)
   if sampler == "temperature":
     assert rank.max() > 3
+
+
+def test_bfloat16_head(setup, reference):
+  """head_dtype=bfloat16: log-probs within bf16 rounding of the exact model's for the same
+  tokens; batch 1 (the 2-row GEMM path) gives what the batch gives for that example."""
+  model, params, images, text = setup
+  fn = decode.make_generate_fn(model, max_decode_len=STEPS, eos_id=-1, head_dtype=jnp.bfloat16)
+  tokens, logps = jax.device_get(fn(params, images, text, text != 0, None))
+  np.testing.assert_allclose(logps, reference.token_logprobs(PROMPTS, tokens), atol=0.05)
+  one, one_logps = jax.device_get(fn(params, images[:1], text[:1], text[:1] != 0, None))
+  np.testing.assert_array_equal(one[0], tokens[0])
+  np.testing.assert_allclose(one_logps[0], logps[0], atol=1e-4)
 
 
 def test_eos_stops_each_example(setup, greedy):
