@@ -87,14 +87,20 @@ def _coco_direct(records, iou_type="bbox", use_cats=1):
   for k, r in enumerate(records):
     h, w = r["height"], r["width"]
     gt["images"].append({"id": k + 1, "height": h, "width": w})
-    for (y1, x1, y2, x2), l in zip(r["gt"]["bbox"], r["gt"]["label"]):
-      gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": k + 1, "iscrowd": 0,
-                                "category_id": cats.index(l) + 1, "area": (x2 - x1) * w * (y2 - y1) * h,
-                                "bbox": [x1 * w, y1 * h, (x2 - x1) * w, (y2 - y1) * h]})
+    for j, ((y1, x1, y2, x2), l) in enumerate(zip(r["gt"]["bbox"], r["gt"]["label"])):
+      ann = {"id": len(gt["annotations"]) + 1, "image_id": k + 1, "iscrowd": 0,
+             "category_id": cats.index(l) + 1, "area": (x2 - x1) * w * (y2 - y1) * h,
+             "bbox": [x1 * w, y1 * h, (x2 - x1) * w, (y2 - y1) * h]}
+      if iou_type == "segm":
+        ann["segmentation"] = r["gt"]["mask_rle"][j]
+        ann["area"] = float(segmentation.rle_decode(ann["segmentation"], k).sum())
+      gt["annotations"].append(ann)
     for o in r["objects"]:
       y1, x1, y2, x2 = o["bbox"]
       dts.append({"image_id": k + 1, "category_id": cats.index(o["label"]) + 1,
                   "bbox": [x1 * w, y1 * h, (x2 - x1) * w, (y2 - y1) * h], "score": o["scores"]["mean_loc"]})
+      if iou_type == "segm":
+        dts[-1]["segmentation"] = o["mask_rle"]
   with contextlib.redirect_stdout(io.StringIO()):
     cgt = coco_lib.COCO()
     cgt.dataset = gt
@@ -159,6 +165,8 @@ def test_segmentation_fixed_file():
   assert m["mean_loc/class/latent tb/AP"] == 0.0
   assert m["mean_loc/AP50"] == pytest.approx(0.5) and m["mean_loc/AP75"] == 0.0
   assert m["invalid_rate"] == pytest.approx(1 / 3)
+  assert (m["mean_loc/AP"], m["mean_loc/AP50"], m["mean_loc/AP75"]) == pytest.approx(
+      tuple(_coco_direct(_load("segmentation"), "segm")))
 
 
 def test_segmentation_masks_follow_rle_round_trip():

@@ -125,6 +125,12 @@ class Model(nn.Module):
     return self.decoder(straight_through), z, codes, idx
 
 
+def param_shapes(model):
+  """The param tree as ShapeDtypeStructs; an eager flax init takes tens of seconds on a busy CPU."""
+  return jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, MASK_SIZE, MASK_SIZE)))["params"],
+                        jax.random.PRNGKey(0))
+
+
 def init(cfg: Config, seed=0):
   model = Model(cfg)
   return model, model.init(jax.random.PRNGKey(seed), jnp.zeros((1, MASK_SIZE, MASK_SIZE)))["params"]
@@ -191,9 +197,7 @@ def load_npz(path):
     raise VQVAEFileError(f"{path}: cannot read as a .npz of plain arrays ({e}).") from e
   cfg = _config_from_shapes(arrays, path)
   model = Model(cfg)
-  # Shapes only: an eager flax init takes tens of seconds on a busy CPU.
-  template = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, MASK_SIZE, MASK_SIZE)))["params"],
-                            jax.random.PRNGKey(0))
+  template = param_shapes(model)
   params = {"codebook": arrays[CODEBOOK_KEY].astype(np.float32), "encoder": {}, "decoder": {}}
   for prefix, tree_path, _ in _key_map():
     node_t, node = template, params
