@@ -6,6 +6,7 @@ For each config and batch size, with the same random weights (converted to HF
 with `hf_interop.save_hf`, loaded by `from_pretrained`), float32 on both sides:
   prefill_ms   forward over image + prompt, filling the KV cache, logits of the last
                position only (HF: `logits_to_keep=1`, as its `generate` does)
+  *_bf16head   ours again with the tied head in bfloat16 (`head_dtype`), HF unchanged
   gen_tok_s    greedy generation of N new tokens (no EOS), tokens/s over the whole
                call (prefill included): ours `decode.make_generate_fn`, HF `generate`
   decode_tok_s tokens/s of the decode steps alone: B*(N-1) / (time(N new) - time(1 new)),
@@ -58,10 +59,12 @@ def load_hf(params, cfg, folder):
 
 
 class Ours:
-  def __init__(self, model, params, steps):
-    self.params = jax.device_put(params)
-    self.generate = decode.make_generate_fn(model, max_decode_len=steps, eos_id=-1)
-    self.generate_one = decode.make_generate_fn(model, max_decode_len=1, eos_id=-1)
+  def __init__(self, model, params, steps, head_dtype=None):
+    self.model, self.params = model, jax.device_put(params)
+    self.generate = decode.make_generate_fn(model, max_decode_len=steps, eos_id=-1,
+                                            head_dtype=head_dtype)
+    self.generate_one = decode.make_generate_fn(model, max_decode_len=1, eos_id=-1,
+                                                head_dtype=head_dtype)
     self.prefill = jax.jit(lambda p, im, t, m: decode.prefill(model, p, im, t, m, steps,
                                                               jnp.float32)[:2])
 
@@ -148,16 +151,20 @@ def decode_rate(tokens, seconds):
 
 def time_config(name, batches, steps, repeats):
   ours, hf, n_params, image_size = setup(name, steps)
+  bf16 = Ours(ours.model, ours.params, steps, head_dtype=jnp.bfloat16)
   rows = []
   for batch in batches:
     images, text = inputs(batch, image_size)
     ours_tokens, hf_tokens = ours.run_generate(images, text), hf.run_generate(images, text)
+    bf16_tokens = bf16.run_generate(images, text)
     pre_ours, pre_hf = interleaved([lambda: ours.run_prefill(images, text),
                                     lambda: hf.run_prefill(images, text)], repeats)
-    gen_ours, gen_hf, one_ours, one_hf = interleaved(
+    gen_ours, gen_hf, gen_bf16, one_ours, one_hf, one_bf16 = interleaved(
         [lambda: ours.run_generate(images, text), lambda: hf.run_generate(images, text),
+         lambda: bf16.run_generate(images, text),
          lambda: ours.run_generate(images, text, one=True),
-         lambda: hf.run_generate(images, text, one=True)], repeats)
+         lambda: hf.run_generate(images, text, one=True),
+         lambda: bf16.run_generate(images, text, one=True)], repeats)
     new = batch * steps
     rows.append(dict(
         config=name, params_m=round(n_params / 1e6, 1), batch=batch, new_tokens=steps,
@@ -167,8 +174,11 @@ def time_config(name, batches, steps, repeats):
         gen_ratio=common.ratio(gen_hf, gen_ours),
         decode_tok_s_ours=decode_rate(batch * (steps - 1), gen_ours - one_ours),
         decode_tok_s_hf=decode_rate(batch * (steps - 1), gen_hf - one_hf),
+        gen_tok_s_bf16head=new / gen_bf16, gen_ratio_bf16head=common.ratio(gen_hf, gen_bf16),
+        decode_tok_s_bf16head=decode_rate(batch * (steps - 1), gen_bf16 - one_bf16),
         ours_xla_temp_mb=ours.xla_temp_mb(images, text),
-        same_tokens=float(np.mean(ours_tokens == hf_tokens))))
+        same_tokens=float(np.mean(ours_tokens == hf_tokens)),
+        same_tokens_bf16head=float(np.mean(bf16_tokens == hf_tokens))))
   return rows
 
 
@@ -221,7 +231,9 @@ def main(argv=None):
     row.update(mem, mem_ratio=common.ratio(mem["peak_mb_ours"], mem["peak_mb_hf"]))
   columns = ["config", "params_m", "batch", "prefill_ms_ours", "prefill_ms_hf", "prefill_ratio",
              "gen_tok_s_ours", "gen_tok_s_hf", "gen_ratio", "decode_tok_s_ours", "decode_tok_s_hf",
-             "peak_mb_ours", "peak_mb_hf", "mem_ratio", "ours_xla_temp_mb", "same_tokens"]
+             "gen_tok_s_bf16head", "gen_ratio_bf16head", "decode_tok_s_bf16head",
+             "peak_mb_ours", "peak_mb_hf", "mem_ratio", "ours_xla_temp_mb", "same_tokens",
+             "same_tokens_bf16head"]
   notes = [
       f"float32 both sides; HF transformers {transformers.__version__} (torch "
       f"{torch.__version__}, {torch.get_num_threads()} threads, sdpa attention) vs jax "
@@ -231,6 +243,9 @@ def main(argv=None):
       "(>1: we are faster); mem_ratio = ours/HF peak RSS growth during one generate call.",
       "same_tokens: fraction of greedy tokens identical to HF's (same weights).",
       "decode_tok_s is empty where time(N new) - time(1 new) is below timer noise.",
+      "*_bf16head: ours with decode.make_generate_fn(head_dtype=bfloat16): the tied 257k-vocab "
+      "head on a bf16 copy of the table, f32 accumulation (everything else f32); "
+      "same_tokens_bf16head shows what that rounding changes in the greedy tokens.",
   ]
   common.report("Model bench: ours (JAX) vs HF transformers (PyTorch), same weights", rows, args,
                 columns=columns, notes=notes)
