@@ -5,9 +5,11 @@
 Data: `--source phantom` (default) takes the lung masks (one per side) and the
 TB lesion masks of phantom radiographs; `--source npz:PATH` takes `masks`
 [n, H, W] (> 0 is foreground) and optional `boxes` [n, 4] normalised (else the
-mask extents) from a plain .npz, e.g. exported from TBX11K/manifest records with
-`crops_from_records`. Each mask is cropped to its box, jittered a little, and
-resized to 64x64 (`seg_codec.crop_resize`, the same op that makes the tokens).
+mask extents) from a plain .npz; `--source 'dataset:{"source": "manifest",
+"path": ...}'` reads any dataset config of `config.input.datasets` (manifest with
+masks, tfds, ...) and uses the object masks of its patient-level train split.
+Each mask is cropped to its box, jittered a little, and resized to 64x64
+(`seg_codec.crop_resize`, the same op that makes the tokens).
 
 Loss: MSE of the decoder output against the crop mapped to [-1, 1], plus the
 codebook loss |sg(z) - e|^2 and beta * the commitment loss |z - sg(e)|^2
@@ -16,6 +18,8 @@ restarted at random encoder outputs of the current batch. The checkpoint is
 written atomically in the official vae-oid.npz PyTorch key layout.
 """
 import argparse
+import dataclasses
+import json
 import time
 
 import jax
@@ -24,7 +28,7 @@ import numpy as np
 import optax
 
 from big_vision_cxr import loc_codec, seg_codec
-from big_vision_cxr.data import phantom, records
+from big_vision_cxr.data import phantom, records, splits
 from big_vision_cxr.models import vqvae
 
 
@@ -82,7 +86,16 @@ def load_source(args, rng):
       masks = f["masks"]
       boxes = f["boxes"] if "boxes" in f.files else records.boxes_from_masks(masks > 0)
     return crops_from_masks(masks, boxes, rng, args.jitters), len(masks)
-  raise ValueError(f"--source must be 'phantom' or 'npz:PATH', got {args.source!r}.")
+  if args.source.startswith("dataset:"):
+    from big_vision_cxr import input_pipeline  # pylint: disable=import-outside-toplevel
+    try:
+      cfg = json.loads(args.source[len("dataset:"):])
+    except json.JSONDecodeError as e:
+      raise ValueError(f"--source dataset:JSON needs a JSON dataset config, got {args.source!r} ({e.msg}).") from e
+    recs, _ = input_pipeline.load_records("vqvae", cfg)
+    recs = splits.apply([dataclasses.replace(r) for r in recs], seed=args.split_seed)
+    return crops_from_records([r for r in recs if r.split == "train"], rng, args.jitters)
+  raise ValueError(f"--source must be 'phantom', 'npz:PATH' or 'dataset:JSON', got {args.source!r}.")
 
 
 def make_train_step(model, tx, beta):
@@ -166,6 +179,7 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--out", required=True)
   p.add_argument("--source", default="phantom")
+  p.add_argument("--split_seed", type=int, default=0, help="dataset: patient split seed (train split used)")
   p.add_argument("--num_images", type=int, default=400)
   p.add_argument("--image_size", type=int, default=256)
   p.add_argument("--jitters", type=int, default=3)

@@ -93,3 +93,16 @@ def test_train_vqvae_tiny_run_writes_loadable_checkpoint(tmp_path, capsys):
   log = capsys.readouterr().out
   first, last = (float(l.split(" rec ")[1].split()[0]) for l in (log.splitlines()[1], log.splitlines()[3]))
   assert last < first  # the reconstruction loss goes down
+
+
+def test_train_vqvae_reads_dataset_configs_train_split_only():
+  args = train_vqvae.parse_args(["--out", "unused.npz", "--jitters", "1",
+                                 "--source", 'dataset:{"source": "phantom", "n": 40, "size": 48}'])
+  crops, n_masks = train_vqvae.load_source(args, np.random.default_rng(0))
+  from big_vision_cxr.data import phantom, splits
+  recs = splits.apply(phantom.dataset(40, size=48))
+  train = [r for r in recs if r.split == "train"]
+  assert 0 < len(train) < 40
+  assert n_masks == len(crops) == sum(len(train_vqvae.instance_masks(r)[0]) for r in train)
+  with pytest.raises(ValueError, match="JSON dataset config"):
+    train_vqvae.load_source(train_vqvae.parse_args(["--out", "x", "--source", "dataset:{bad"]), None)
