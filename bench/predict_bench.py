@@ -87,7 +87,7 @@ def main(argv=None):
                           vqvae=vq, class_names=None if config else phantom.CLASS_NAMES)
     runner = predict.Runner(loaded, batch_size=batch_size, max_decode_len=max_decode_len)
     images = [phantom.generate(200_000 + i, size=256).image for i in range(n_images)]
-    inputs = np.stack([predict.model_input(im, loaded.image_size) for im in images])
+    inputs = np.stack([loaded.model_input(im) for im in images])
     jobs = predict.task_jobs(n_images, predict.TASKS, loaded.class_names)
     files = []
     for i, im in enumerate(images):

@@ -38,6 +38,7 @@ from big_vision_cxr.data import images as images_lib
 from big_vision_cxr.data import phantom
 from big_vision_cxr.data import prompts as prompts_lib
 from big_vision_cxr.data import records
+from big_vision_cxr.pp import builder as pp_builder
 from big_vision_cxr.pp import ops_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
@@ -250,6 +251,17 @@ class Loaded:
   image_size: int
   class_names: tuple
   provenance: dict
+  pp_image: str = ""  # the training's image preprocessing; "" = decode|resize|value_range(-1, 1)
+
+  def model_input(self, image):
+    """uint8 [H, W] -> float32 [size, size, 3] in [-1, 1], preprocessed as in training."""
+    if not self.pp_image:
+      return model_input(image, self.image_size)
+    out = pp_builder.get_preprocess_fn(self.pp_image)({"image": image})["image"]
+    if out.shape != (self.image_size, self.image_size, 3):
+      raise PredictError(f"pp_image {self.pp_image!r} gives images of shape {out.shape}, the model "
+                         f"takes {(self.image_size, self.image_size, 3)}.")
+    return np.asarray(out, np.float32)
 
 
 def _latest_complete_step(workdir):
@@ -308,8 +320,10 @@ def load(checkpoint, *, config=None, model_variant=None, tokenizer=None, vqvae=N
     tokenizer = tokenizer or config.get("tokenizer")
     vqvae = vqvae or config.input.get("seg_codec")
     class_names = class_names or config_class_names(config)
+    pp_image = config.input.get("pp_image") or ""
   elif model_variant:
     model_cfg, variant = paligemma.get_config(model_variant), model_variant
+    pp_image = ""
   else:
     raise PredictError("say which model: --config (the training config) or --model_variant.")
   tokenizer = tokenizer or DEMO_TOKENIZER
@@ -339,7 +353,7 @@ def load(checkpoint, *, config=None, model_variant=None, tokenizer=None, vqvae=N
   codec = seg_codec_lib.SegCodec.from_npz(vqvae) if with_vqvae else None
   return Loaded(model=model, model_cfg=model_cfg, params=params, tokenizer=tok, seg_codec=codec,
                 image_size=int(model_cfg["img"]["image_size"]), class_names=class_names,
-                provenance=provenance)
+                provenance=provenance, pp_image=pp_image)
 
 
 def check_size(path):
@@ -395,7 +409,7 @@ def _question(prefix):
 class Runner:
   """Runs the chosen tasks/prompts on batches of images through one Predictor."""
 
-  def __init__(self, loaded, *, tasks=TASKS, prompts=(), batch_size=8, max_decode_len=64):
+  def __init__(self, loaded, *, tasks=TASKS, prompts=(), batch_size=8, max_decode_len=96):
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown:
       raise PredictError(f"unknown tasks {unknown}; known: {', '.join(TASKS)}.")
@@ -430,7 +444,7 @@ class Runner:
 
   def run(self, images):
     """uint8 [H, W] radiographs -> one result dict per image (see the module docstring)."""
-    inputs = np.stack([model_input(im, self.loaded.image_size) for im in images])
+    inputs = np.stack([self.loaded.model_input(im) for im in images])
     jobs = task_jobs(len(images), self.tasks, self.loaded.class_names, self.prompts)
     gens = self._generate(inputs, jobs)
     results = [dict(height=int(im.shape[0]), width=int(im.shape[1]), model=self.loaded.provenance,
@@ -555,7 +569,8 @@ def parse_args(argv):
   p.add_argument("--prompt", action="append", default=[],
                  help='an extra prompt, e.g. "answer en is there a cavity?" (repeatable)')
   p.add_argument("--batch_size", type=int, default=8)
-  p.add_argument("--max_decode_len", type=int, default=64)
+  p.add_argument("--max_decode_len", type=int, default=96,
+                 help="new tokens per prompt (an object with a mask is ~23 tokens)")
   p.add_argument("--no_overlay", action="store_true", help="write the JSON only")
   p.add_argument("--no_progress", action="store_true")
   return p.parse_args(argv)

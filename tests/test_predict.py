@@ -345,3 +345,16 @@ def test_a_failing_image_in_a_batch_is_isolated(tmp_path):
   assert [p.name for p, _ in summary.done] == ["0.png", "2.png", "3.png"]
   assert len(summary.failed) == 1 and "1.png: prediction failed: FloatingPointError: boom" in summary.failed[0][1]
   assert FakeRunner.calls == [3, 1, 1, 1, 1]  # the failed batch of 3, its retries, then the last file
+
+
+def test_config_preprocessing_is_used(runner):
+  """With a training config, images go through its pp_image string (here: the same ops)."""
+  import dataclasses
+  image = phantom.generate(5, size=100).image
+  with_pp = dataclasses.replace(runner.loaded, pp_image="decode|resize(64)|value_range(-1, 1)")
+  np.testing.assert_array_equal(with_pp.model_input(image), predict.model_input(image, 64))
+  antialiased = dataclasses.replace(runner.loaded, pp_image="decode|resize(64, antialias=True)|value_range(-1, 1)")
+  assert not np.array_equal(antialiased.model_input(image), predict.model_input(image, 64))
+  wrong = dataclasses.replace(runner.loaded, pp_image="decode|resize(32)|value_range(-1, 1)")
+  with pytest.raises(predict.PredictError, match="gives images of shape"):
+    wrong.model_input(image)
