@@ -60,7 +60,7 @@ def crops_from_masks(masks, boxes, rng, jitters=1, jitter=0.06):
 
 def crops_from_records(recs, rng, jitters=1):
   """Source records (any reader) -> (crops [m, 64, 64], number of masks)."""
-  crops, n_masks = [], 0
+  crops, n_masks = [np.zeros((0, vqvae.MASK_SIZE, vqvae.MASK_SIZE), np.float32)], 0
   for r in recs:
     masks, boxes = instance_masks(r)
     n_masks += len(masks)
@@ -84,6 +84,8 @@ def load_source(args, rng):
       if "masks" not in f.files:
         raise ValueError(f"{path}: needs an array 'masks' [n, H, W]; has {f.files}.")
       masks = f["masks"]
+      if masks.ndim != 3:
+        raise ValueError(f"{path}: 'masks' must be [n, H, W], got shape {masks.shape}.")
       boxes = f["boxes"] if "boxes" in f.files else records.boxes_from_masks(masks > 0)
     return crops_from_masks(masks, boxes, rng, args.jitters), len(masks)
   if args.source.startswith("dataset:"):
@@ -139,6 +141,8 @@ def train(args):
   t0 = time.time()
   crops, n_masks = load_source(args, rng)
   print(f"data: {n_masks} masks -> {len(crops)} crops in {time.time() - t0:.1f}s", flush=True)
+  if not len(crops):
+    raise ValueError(f"--source {args.source}: no masks to train on.")
   cfg = vqvae.Config(enc_widths=tuple(args.enc_widths), enc_res_width=args.enc_widths[-1],
                      code_dim=args.code_dim, dec_width=args.dec_width, dec_res_width=args.dec_width)
   model, params = vqvae.init(cfg, seed=args.seed)
