@@ -145,6 +145,10 @@ def test_detection_from_text_and_empty_cases():
   m = detection.Evaluator.compute_metrics(recs)
   assert m["ones/AP"] == pytest.approx(1.0) and "mean_loc/AP" not in m
   assert m["invalid_rate"] == pytest.approx(0.5)
+  # A right box with a name that is no ground-truth class counts class-agnostically only.
+  recs[0]["prediction"] = loc_codec.format_objects([[0.1, 0.1, 0.5, 0.5]], ["pneumonia"])
+  m = detection.Evaluator.compute_metrics(recs)
+  assert m["ones/AP50"] == 0.0 and m["ones/agnostic/AP50"] == pytest.approx(1.0)
   recs[0]["prediction"] = ""
   assert detection.Evaluator.compute_metrics(recs)["ones/AP50"] == 0.0
   recs[0]["gt"] = dict(bbox=[], label=[])

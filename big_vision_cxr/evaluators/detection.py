@@ -11,7 +11,7 @@ only the all-ones score rule is available. Each metric comes twice: under the
 chosen `score_rule` (default 'mean_loc', see confidence.py) and under 'ones'
 (every box scores 1, PaliGemma-CXR's rule; ties then rank in output order).
 Keys: '<rule>/AP', '<rule>/AP50', '<rule>/AP75' (mean over classes with ground
-truth), '<rule>/agnostic/...' (classes merged, pycocotools useCats=0),
+truth), '<rule>/agnostic/...' (all boxes in one class),
 '<rule>/class/<name>/...'. AP is COCO's: 101-point interpolated precision,
 maxDets=100, area 'all'; AP averages IoU 0.50:0.05:0.95. Predicted names that
 are no ground-truth class count only class-agnostically. invalid_rate is the
@@ -77,27 +77,26 @@ def coco_ap(images, iou_type="bbox"):
       if iou_type == "segm":
         d["segmentation"] = p["segmentation"]
       dts.append(d)
-  for use_cats in (1, 0):
-    prefix = "" if use_cats else "agnostic/"
-    if not dts:
-      out.update({f"{prefix}AP": 0.0, f"{prefix}AP50": 0.0, f"{prefix}AP75": 0.0})
-      if use_cats:
-        for n in names:
-          out.update({f"class/{n}/AP": 0.0, f"class/{n}/AP50": 0.0, f"class/{n}/AP75": 0.0})
+  # Class-agnostic: every box in one category. (pycocotools' useCats=0 would still
+  # drop detections whose category has no ground truth.)
+  agnostic_gt = dict(gt, categories=[{"id": 1, "name": "lesion"}],
+                     annotations=[dict(a, category_id=1) for a in gt["annotations"]])
+  for prefix, gt_dict, dets in (("", gt, dts), ("agnostic/", agnostic_gt, [dict(d, category_id=1) for d in dts])):
+    if not dets:
+      keys = [prefix] + ([f"class/{n}/" for n in names] if not prefix else [])
+      out.update({f"{k}{m}": 0.0 for k in keys for m in ("AP", "AP50", "AP75")})
       continue
     with contextlib.redirect_stdout(io.StringIO()):
       cgt = coco_lib.COCO()
-      cgt.dataset = gt
+      cgt.dataset = gt_dict
       cgt.createIndex()
-      cdt = cgt.loadRes([dict(d) for d in dts])
-      ev = cocoeval.COCOeval(cgt, cdt, iou_type)
-      ev.params.useCats = use_cats
+      ev = cocoeval.COCOeval(cgt, cgt.loadRes([dict(d) for d in dets]), iou_type)
       ev.evaluate()
       ev.accumulate()
     precision = ev.eval["precision"][:, :, :, 0, -1]  # [T, R, K] at area 'all', maxDets 100
     ap, ap50, ap75 = _ap_from_precision(precision)
     out.update({f"{prefix}AP": ap, f"{prefix}AP50": ap50, f"{prefix}AP75": ap75})
-    if use_cats:
+    if not prefix:
       for k, n in enumerate(names):
         ap, ap50, ap75 = _ap_from_precision(precision[:, :, k])
         out.update({f"class/{n}/AP": ap, f"class/{n}/AP50": ap50, f"class/{n}/AP75": ap75})
