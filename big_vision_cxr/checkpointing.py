@@ -54,7 +54,10 @@ class Checkpointer:
 
   def _set_aside_incomplete(self):
     for path in self.directory.iterdir():
-      if path.is_dir() and path.name.isdigit() and not is_complete(path):
+      if ".orbax-checkpoint-tmp" in path.name:  # a write cut off before orbax's rename
+        logging.warning("Removing the unfinished checkpoint write %s.", path)
+        shutil.rmtree(path, ignore_errors=True)
+      elif path.is_dir() and path.name.isdigit() and not is_complete(path):
         target = self.directory / f"incomplete-{path.name}"
         shutil.rmtree(target, ignore_errors=True)
         logging.warning("Checkpoint %s is incomplete; moved to %s, never restored.", path, target)

@@ -318,6 +318,11 @@ def train(config, workdir):
       workdir, keep_last=config.get("keep_ckpts", 2), best_metric=config.get("best_metric"),
       best_mode=config.get("best_mode", "max"))
   tokenizer = make_tokenizer(config)
+  vocab = model_config(config).llm.get("vocab_size")
+  if tokenizer is not None and vocab and tokenizer.vocab_size > vocab:
+    raise config_lib.ConfigError(
+        f"config.tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary "
+        f"(config.model.variant={config.model.variant!r}) has only {vocab} rows.")
   seg_codec = make_seg_codec(config)
   train_iter = make_train_iter(config, tokenizer, seg_codec)
 
