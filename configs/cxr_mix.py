@@ -108,7 +108,7 @@ def _demo(c, tasks):
   c.tokenizer = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                              "big_vision_cxr", "assets", "cxr_demo_spm.model")
   c.compute_dtype = ""
-  c.input.batch_size = 16
+  c.input.batch_size = 32
   c.input.datasets = {"phantom": dict(source="phantom", n=1200, size=128, difficulty=0.0, seed=0)}
   # Task-balanced: with 7 questions per image, 1/N_t would give VQA ~5% of the draws.
   c.input.weights = "uniform"
@@ -120,8 +120,8 @@ def _demo(c, tasks):
   c.wd_mults = [(".*", 1.0)]
   c.lr = 1e-3
   c.wd = 1e-3 * 1e-4
-  c.total_steps = 1000
-  c.log_training_steps = 50
-  c.ckpt_steps = 500
+  c.total_steps = 500
+  c.log_training_steps = 25
+  c.ckpt_steps = 250
   c.evals = {t: dict(_EVALS[t], task=t, split="test", batch_size=32, log_steps=0) for t in tasks}
   c.baseline_table = True
