@@ -46,6 +46,21 @@ class Skips:
   def __len__(self):
     return len(self.items)
 
+  def collect(self, names, results, skippable, on_error):
+    """Results of `map_ordered` -> the good ones; a `skippable` error is skipped
+    under `names[i]` (or raised with on_error='raise'), any other error is raised."""
+    out = []
+    for name, result in zip(names, results):
+      if isinstance(result, skippable):
+        if on_error == "raise":
+          raise result
+        self.add(name, result)
+      elif isinstance(result, Exception):
+        raise result
+      else:
+        out.append(result)
+    return out
+
   def summary(self):
     return {"count": len(self.items), "items": [dict(path=p, reason=r) for p, r in self.items],
             "absent_count": len(self.absent), "absent_examples": self.absent[:5]}

@@ -177,14 +177,7 @@ def read(path, *, root=None, columns=None, label_map=None, box_units="pixels", s
         meta=dict(path=rel, line=line)))
 
   rows = list(_rows(path))
-  out = []
-  for (line, _), result in zip(rows, images.map_ordered(record, rows, workers)):
-    if isinstance(result, (ManifestError, images.ImageError, images.DataPathError, records.RecordError)):
-      if on_error == "raise":
-        raise result
-      skips.add(f"{path}:{line}", result)
-    elif isinstance(result, Exception):
-      raise result
-    else:
-      out.append(result)
+  out = skips.collect([f"{path}:{line}" for line, _ in rows], images.map_ordered(record, rows, workers),
+                      (ManifestError, images.ImageError, images.DataPathError, records.RecordError),
+                      on_error)
   return out, skips

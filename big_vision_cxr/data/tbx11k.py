@@ -152,16 +152,9 @@ def read(path, *, splits=("train", "val"), lists="TBX11K", categories=("tb", "he
       else:
         absent.append(rel)
   results = images.map_ordered(lambda item: _record(root, *item, load_images), todo, workers)
-  out = []
-  for (_, entry), result in zip(todo, results):
-    if isinstance(result, (TBX11KError, images.ImageError, images.DataPathError, records.RecordError)):
-      if on_error == "raise":
-        raise result
-      skips.add(f"imgs/{entry}", result)
-    elif isinstance(result, Exception):
-      raise result
-    else:
-      out.append(result)
+  out = skips.collect([f"imgs/{entry}" for _, entry in todo], results,
+                      (TBX11KError, images.ImageError, images.DataPathError, records.RecordError),
+                      on_error)
   if absent:
     skips.absent += absent
     logging.info("%s: %d listed images are absent from %s", SOURCE, len(absent), root)
