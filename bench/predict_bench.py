@@ -31,13 +31,13 @@ from big_vision_cxr.models import paligemma
 from big_vision_cxr.models import vqvae
 
 
-def _random_assets(folder, variant):
+def random_assets(folder, variant):
+  """Random-weight model and VQ-VAE `.npz` files in `folder` (also used by the notebook test)."""
   rng = np.random.default_rng(0)
   shapes = paligemma.param_shapes(paligemma.get_config(variant))
   npz.save_npz(jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype), shapes),
                folder / "model.npz")
-  vq_shapes = jax.eval_shape(lambda k: vqvae.Model(vqvae.Config()).init(
-      k, np.zeros((1, vqvae.MASK_SIZE, vqvae.MASK_SIZE), np.float32))["params"], jax.random.PRNGKey(0))
+  vq_shapes = vqvae.param_shapes(vqvae.Model(vqvae.Config()))
   vqvae.save_npz(jax.tree.map(lambda s: (rng.standard_normal(s.shape) * 0.2).astype(s.dtype), vq_shapes),
                  folder / "vqvae.npz")
   return folder / "model.npz", folder / "vqvae.npz"
@@ -78,7 +78,7 @@ def main(argv=None):
     tmp = pathlib.Path(tmp)
     checkpoint, vq = args.checkpoint, args.vqvae
     if checkpoint is None:
-      checkpoint, random_vq = _random_assets(tmp, args.model_variant)
+      checkpoint, random_vq = random_assets(tmp, args.model_variant)
       vq = vq or random_vq
     config = None
     if args.config:

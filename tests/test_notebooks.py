@@ -5,8 +5,6 @@ Parameters are injected papermill-style: a cell after the one tagged `parameters
 import os
 import pathlib
 
-import jax
-import numpy as np
 import pytest
 
 nbformat = pytest.importorskip("nbformat")
@@ -65,17 +63,8 @@ def test_finetune_notebook_trains_evaluates_and_draws(tmp_path):
 
 @pytest.mark.slow
 def test_inference_notebook_predicts_and_matches_transformers(tmp_path):
-  from big_vision_cxr import npz
-  from big_vision_cxr.models import paligemma
-  from big_vision_cxr.models import vqvae
-  rng = np.random.default_rng(0)
-  shapes = paligemma.param_shapes(paligemma.get_config("demo"))
-  npz.save_npz(jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype), shapes),
-               tmp_path / "model.npz")
-  vq_shapes = jax.eval_shape(lambda k: vqvae.Model(vqvae.Config()).init(
-      k, np.zeros((1, vqvae.MASK_SIZE, vqvae.MASK_SIZE), np.float32))["params"], jax.random.PRNGKey(0))
-  vqvae.save_npz(jax.tree.map(lambda s: (rng.standard_normal(s.shape) * 0.2).astype(s.dtype), vq_shapes),
-                 tmp_path / "vqvae.npz")
+  from bench.predict_bench import random_assets
+  random_assets(tmp_path, "demo")
   out = tmp_path / "out"
   nb = run_notebook("inference.ipynb", dict(
       CHECKPOINT=str(tmp_path / "model.npz"), CONFIG=None, MODEL_VARIANT="demo",
