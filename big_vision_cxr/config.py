@@ -186,6 +186,10 @@ def validate(config):
       raise ConfigError(f"config.evals.{name}.type: {e.args[0]}") from None
   if config.get("label_smoothing", 0.0) < 0 or config.get("label_smoothing", 0.0) >= 1:
     raise ConfigError(f"config.label_smoothing must be in [0, 1), got {config.label_smoothing}.")
+  loc_ls = config.get("loc_label_smoothing")
+  if loc_ls and (set(loc_ls.keys()) != {"sigma_bins"} or not loc_ls["sigma_bins"] >= 0):
+    raise ConfigError(f"config.loc_label_smoothing must be dict(sigma_bins=S) with S >= 0 (in "
+                      f"<loc> bins), got {loc_ls}.")
   _validate_pp(config)
   if config.get("tokenizer") and not pathlib.Path(config.tokenizer).is_file():
     raise ConfigError(f"config.tokenizer={config.tokenizer!r}: file not found (a SentencePiece "

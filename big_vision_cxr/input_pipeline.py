@@ -20,6 +20,8 @@ Design (the config shape is in docs/DATA.md):
   (batch_size * P examples) and keeps those with g % P == p, so all hosts walk
   the same global sequence and share one state:
   {'next_example': g, 'unit_counts': {unit: examples drawn}}.
+- `object_tasks_positives_only=True` keeps (in training only) just the
+  detection/segmentation examples with at least one object.
 - Images go through `pp_image` once and are cached in memory (uint8, grey
   stored once); a trailing `value_range` is applied per batch. Text goes
   through `tokenize_train(text_len)` (`tokenize_eval` for evaluation).
@@ -42,7 +44,8 @@ DEFAULTS = dict(
     split="train", split_seed=0, split_fractions=splits.DEFAULT_FRACTIONS, tasks=prompts.TASKS,
     mix_by="task", weights="inverse_size", class_names=None,
     pp_image="decode|resize(224)|value_range(-1, 1)", text_len=64, seg_from_boxes=False,
-    seg_codec=None, cache_images=True)
+    seg_codec=None, cache_images=True, object_tasks_positives_only=False)
+OBJECT_TASKS = ("detection", "segmentation")
 _M64 = (1 << 64) - 1
 _RECORDS = {}
 
@@ -317,11 +320,25 @@ class TrainIterator:
             "task_id": np.asarray([TASK_IDS[e.task] for e in exs], np.int32)}
 
 
+def positives_only(units):
+  """`units` without the detection/segmentation examples that have no object.
+
+  A training-only option (`object_tasks_positives_only=True`): with many normal images
+  a small model trained from scratch learns to answer "no object" and never emits a
+  box. Evaluation keeps every image, normals included (any box there is a false positive).
+  """
+  return collections.OrderedDict(
+      (u, [ex for ex in exs if ex.task not in OBJECT_TASKS or len(ex.objects.bbox)])
+      for u, exs in units.items())
+
+
 def training(config, *, batch_size, seed, tokenizer, process_index=0, process_count=1,
              seg_codec=None):
   """The training iterator of `config` (an ml_collections ConfigDict or dict)."""
   seg_codec = _seg_codec(config, seg_codec)
   units = curated_units(config, split=_get(config, "split"), seg_codec=seg_codec)
+  if _get(config, "object_tasks_positives_only"):
+    units = positives_only(units)
   probs = mixture_weights({u: len(v) for u, v in units.items()}, _get(config, "weights"))
   logging.info("mixture: %s", {u: (len(units[u]), round(p, 4)) for u, p in probs.items()})
   return TrainIterator(units, probs, _Processor(config, tokenizer, train=True),

@@ -81,8 +81,30 @@ def init_params_fn(model, config, lora_cfg):
 
 # ---------------------------------------------------------------- loss ------
 
-def per_example_loss(logits, targets, weights, label_smoothing=0.0):
-  """Facts §2.6: -sum(w * log p(target)) / max(1, sum w) per example; [B]."""
+def loc_soft_targets(targets, loc_start, num_loc, sigma_bins):
+  """Gaussian soft targets over the loc bins for `<locDDDD>` targets.
+
+  Returns (is_loc [B, T] bool, q [B, T, num_loc]): q sums to 1 over the bins,
+  ∝ exp(-(i - t)^2 / (2 sigma^2)) around the target bin t (one-hot at sigma 0), so a
+  near-miss bin is penalised less than a far one; q is meaningless where not is_loc.
+  """
+  bin_ = targets - loc_start  # [B, T]
+  is_loc = (bin_ >= 0) & (bin_ < num_loc)
+  bin_ = jnp.where(is_loc, bin_, 0)  # far-off bins would underflow to 0/0 = NaN (and NaN grads)
+  dist = jnp.arange(num_loc)[None, None, :] - bin_[..., None]  # [B, T, num_loc]
+  if sigma_bins == 0:
+    return is_loc, (dist == 0).astype(jnp.float32)
+  q = jnp.exp(-0.5 * jnp.square(dist / sigma_bins).astype(jnp.float32))
+  return is_loc, q / q.sum(-1, keepdims=True)
+
+
+def per_example_loss(logits, targets, weights, label_smoothing=0.0, loc_smoothing=None):
+  """Facts §2.6: -sum(w * log p(target)) / max(1, sum w) per example; [B].
+
+  `loc_smoothing=dict(loc_start, num_loc, sigma_bins)`: `<loc>` targets use the
+  Gaussian soft target of `loc_soft_targets` (cross-entropy over the loc bins)
+  instead of one-hot and `label_smoothing`; other tokens are unchanged.
+  """
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, T, V]
   target_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # [B, T]
   if label_smoothing:
@@ -91,12 +113,30 @@ def per_example_loss(logits, targets, weights, label_smoothing=0.0):
     tok = -((1.0 - label_smoothing - off) * target_logp + off * logp.sum(-1))
   else:
     tok = -target_logp
+  if loc_smoothing:
+    start, n = loc_smoothing["loc_start"], loc_smoothing["num_loc"]
+    is_loc, q = loc_soft_targets(targets, start, n, loc_smoothing["sigma_bins"])
+    loc_tok = -jnp.einsum("btl,btl->bt", q, logp[..., start:start + n])
+    tok = jnp.where(is_loc, loc_tok, tok)
   weights = weights.astype(jnp.float32)
   return (tok * weights).sum(-1) / jnp.maximum(1.0, weights.sum(-1))
 
 
-def make_loss_fn(model, config, mask, lora_cfg):
-  """loss_fn(params, batch, rng) -> (mean loss, per-example losses [B])."""
+def make_loss_fn(model, config, mask, lora_cfg, loc_start=None):
+  """loss_fn(params, batch, rng) -> (mean loss, per-example losses [B]).
+
+  `config.loc_label_smoothing = dict(sigma_bins=S)` with S > 0 needs `loc_start`, the
+  id of `<loc0000>` (the tokenizer's `loc_id(0)`); S = 0 is the plain one-hot loss.
+  """
+  loc_smoothing = None
+  if (config.get("loc_label_smoothing") or {}).get("sigma_bins", 0.0) > 0:
+    if loc_start is None:
+      raise config_lib.ConfigError("config.loc_label_smoothing needs the tokenizer's <loc0000> id "
+                                   "(set config.tokenizer).")
+    from big_vision_cxr import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+    loc_smoothing = dict(loc_start=loc_start, num_loc=tokenizer_lib.NUM_LOC,
+                         sigma_bins=float(config.loc_label_smoothing["sigma_bins"]))
+
   def loss_fn(params, batch, rng):
     params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, mask)
     if lora_cfg:
@@ -107,7 +147,7 @@ def make_loss_fn(model, config, mask, lora_cfg):
     logits, _ = model.apply({"params": params}, batch["image"], text[:, :-1], mask_ar[:, :-1],
                             train=True, rngs={"dropout": rng})
     per_ex = per_example_loss(logits, text[:, 1:], batch["mask_loss"][:, 1:],
-                              config.get("label_smoothing", 0.0))
+                              config.get("label_smoothing", 0.0), loc_smoothing)
     return per_ex.mean(), per_ex
   return loss_fn
 
@@ -341,7 +381,8 @@ def train(config, workdir):
     if config.get("model_init"):
       state = _load_init(config, state, state_sharding, lora_cfg)
 
-  loss_fn = make_loss_fn(model, config, mask, lora_cfg)
+  loss_fn = make_loss_fn(model, config, mask, lora_cfg,
+                         loc_start=None if tokenizer is None else tokenizer.loc_id(0))
   update = jax.jit(make_update_fn(loss_fn, tx, mask, config, sched_fns),
                    in_shardings=(state_sharding, sharding.batch_sharding(mesh), repl),
                    out_shardings=(state_sharding, repl), donate_argnums=(0,))

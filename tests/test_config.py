@@ -58,6 +58,14 @@ def test_validation_messages():
   with pytest.raises(config_lib.ConfigError, match=r"config.evals.vqa.type: Unknown evaluator 'vqa2'"):
     config_lib.validate(config)
   config.evals.vqa.type = "vqa"
+  config.loc_label_smoothing = dict(sigma=2.0)
+  with pytest.raises(config_lib.ConfigError, match=r"loc_label_smoothing must be dict\(sigma_bins"):
+    config_lib.validate(config)
+  config.loc_label_smoothing = dict(sigma_bins=-1.0)
+  with pytest.raises(config_lib.ConfigError, match="S >= 0"):
+    config_lib.validate(config)
+  config.loc_label_smoothing = dict(sigma_bins=8.0)
+  config_lib.validate(config)
   config.input.pp_image = "decode|resise(64)"
   with pytest.raises(config_lib.ConfigError, match="Unknown preprocessing op 'resise'"):
     config_lib.validate(config)

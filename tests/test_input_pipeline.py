@@ -125,6 +125,21 @@ def test_evaluation_covers_each_example_once(tok):
   assert b["text"].shape == (16, 40) and set(b) == {"image", "text", "mask_ar", "mask_input", "valid"}
 
 
+def test_object_tasks_positives_only_filters_training_not_evaluation(tok):
+  cfg = config(object_tasks_positives_only=True, weights="uniform")
+  full = ip.curated_units(config(), split="train")
+  n_normal = sum(len(e.objects.bbox) == 0 for e in full["detection"])
+  assert 0 < n_normal < len(full["detection"])
+  it = ip.training(cfg, batch_size=64, seed=0, tokenizer=tok)
+  assert len(it.units["detection"]) == len(full["detection"]) - n_normal
+  assert all(len(e.objects.bbox) for e in it.units["detection"])
+  assert [len(it.units[t]) for t in ("diagnosis", "vqa", "report")] == [
+      len(full[t]) for t in ("diagnosis", "vqa", "report")]
+  gts = [g for _, gt in ip.evaluation(cfg, task="detection", split="train", batch_size=64,
+                                      tokenizer=tok) for g in gt]
+  assert len(gts) == len(full["detection"])  # evaluation keeps the normals
+
+
 def test_config_errors(tok):
   with pytest.raises(ip.InputError, match="unknown source 'nope'"):
     ip.training(config(datasets={"x": dict(source="nope")}), batch_size=2, seed=0, tokenizer=tok)

@@ -42,6 +42,44 @@ def test_per_example_loss_matches_manual_computation_with_label_smoothing():
   np.testing.assert_allclose(got, expect, rtol=1e-5)
 
 
+def test_loc_soft_targets_sum_to_one_peak_at_target_and_are_one_hot_at_sigma_zero():
+  targets = jnp.asarray([[10, 12, 20 + 0, 20 + 7]], jnp.int32)  # two text ids, loc bins 0 and 7
+  is_loc, q = train.loc_soft_targets(targets, 20, 8, 1.5)
+  np.testing.assert_array_equal(is_loc, [[False, False, True, True]])
+  np.testing.assert_allclose(q[0, 2:].sum(-1), [1.0, 1.0], rtol=1e-6)
+  assert int(jnp.argmax(q[0, 2])) == 0 and int(jnp.argmax(q[0, 3])) == 7
+  expect = np.exp(-0.5 * (np.arange(8) / 1.5) ** 2)
+  np.testing.assert_allclose(q[0, 2], expect / expect.sum(), rtol=1e-5)
+  _, q0 = train.loc_soft_targets(targets, 20, 8, 0.0)
+  np.testing.assert_array_equal(q0[0, 2:], np.eye(8)[[0, 7]])
+
+
+def test_loc_smoothing_changes_only_loc_tokens_and_is_plain_ce_at_sigma_zero():
+  rng = np.random.default_rng(1)
+  logits = jnp.asarray(rng.normal(size=(2, 4, 12)).astype(np.float32))
+  targets = np.array([[1, 6, 9, 2], [3, 4, 11, 0]], np.int32)  # loc ids 6..11 (6 bins)
+  loc = dict(loc_start=6, num_loc=6, sigma_bins=0.0)
+  text_only = np.array([[1, 0, 0, 1], [1, 1, 0, 1]], np.int32)  # weights on non-loc tokens only
+  for ls in (0.0, 0.1):
+    np.testing.assert_allclose(
+        train.per_example_loss(logits, targets, text_only, ls, dict(loc, sigma_bins=3.0)),
+        train.per_example_loss(logits, targets, text_only, ls), rtol=1e-6)
+  ones = np.ones((2, 4), np.int32)
+  np.testing.assert_allclose(train.per_example_loss(logits, targets, ones, 0.0, loc),
+                             train.per_example_loss(logits, targets, ones), rtol=1e-6)
+  far = np.array([[0, 1, 9, 2], [3, 4, 11, 0]], np.int32)  # ids 0-5: 6+ bins away at sigma 0.1
+  grads = jax.grad(lambda x: train.per_example_loss(x, far, ones, 0.0, dict(loc, sigma_bins=0.1)
+                                                    ).sum())(logits)
+  assert np.isfinite(np.asarray(grads)).all()  # no 0/0 from targets far from the loc range
+  logp = np.asarray(jax.nn.log_softmax(logits))
+  only_loc = np.array([[0, 0, 1, 0], [0, 0, 0, 0]], np.int32)  # target bin 3 of 6
+  q = np.exp(-0.5 * ((np.arange(6) - 3) / 2.0) ** 2)
+  expect = -(q / q.sum() * logp[0, 2, 6:]).sum()
+  np.testing.assert_allclose(
+      train.per_example_loss(logits, targets, only_loc, 0.0, dict(loc, sigma_bins=2.0)),
+      [expect, 0.0], rtol=1e-5)
+
+
 def test_gradient_accumulation_equals_full_batch():
   config = lib.tiny_config()
   model = train.build_model(config)
