@@ -74,6 +74,7 @@ def get_config(arg=None):
   c.wd_mults = [("llm/.*", 1.0)]
   c.grad_clip_norm = 1.0
   c.label_smoothing = 0.0
+  c.loc_label_smoothing = dict(sigma_bins=0.0)  # > 0: Gaussian soft targets over the loc bins
   c.microbatches = 1
   c.schedule = [("img/.*", None),
                 ("llm/.*", dict(decay_type="cosine", warmup_percent=0.05))]
