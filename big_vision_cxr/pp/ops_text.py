@@ -44,19 +44,21 @@ def layout(prefix_ids, sep_id, suffix_ids, length, pad_mask_ar=1):
   return text, mask_ar, loss
 
 
-def _check_len(text_len):
+def _prefix_encoder(text_len, tokenizer, prefix_key):
+  """(tokenizer, memoised encoder, data -> BOS + prefix ids) after checking text_len."""
   if not isinstance(text_len, int) or text_len < 2:
     raise ValueError(f"text_len must be an int >= 2, got {text_len!r}")
+  tok = tokenizer or default_tokenizer()
+  enc = _encoder(tok)
+  return tok, enc, lambda data: (tok.bos_id, *enc(str(data[prefix_key])))
 
 
 @PP_OPS.register("tokenize_train")
 def get_tokenize_train(text_len, prefix_key="prefix", suffix_key="suffix", tokenizer=None):
-  _check_len(text_len)
-  tok = tokenizer or default_tokenizer()
-  enc = _encoder(tok)
+  tok, enc, encode_prefix = _prefix_encoder(text_len, tokenizer, prefix_key)
 
   def _tok(data):
-    prefix = (tok.bos_id, *enc(str(data[prefix_key])))
+    prefix = encode_prefix(data)
     suffix = (*enc(str(data.get(suffix_key, ""))), tok.eos_id)
     text, mask_ar, mask_loss = layout(prefix, tok.sep_id, suffix, text_len + 1)
     return {**data, "text": text, "mask_ar": mask_ar, "mask_loss": mask_loss}
@@ -65,12 +67,10 @@ def get_tokenize_train(text_len, prefix_key="prefix", suffix_key="suffix", token
 
 @PP_OPS.register("tokenize_eval")
 def get_tokenize_eval(text_len, prefix_key="prefix", suffix_key="suffix", tokenizer=None):
-  _check_len(text_len)
-  tok = tokenizer or default_tokenizer()
-  enc = _encoder(tok)
+  tok, enc, encode_prefix = _prefix_encoder(text_len, tokenizer, prefix_key)
 
   def _tok(data):
-    prefix = (tok.bos_id, *enc(str(data[prefix_key])))
+    prefix = encode_prefix(data)
     suffix = enc(str(data.get(suffix_key, "") or ""))
     text, mask_ar, _ = layout(prefix, tok.sep_id, suffix, text_len)
     mask_input = (np.arange(text_len) < min(text_len, len(prefix) + 1 + len(suffix))).astype(np.int32)
