@@ -8,7 +8,10 @@ import io
 import itertools
 import json
 import math
+import os
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -198,6 +201,17 @@ def test_cli_writes_json(tmp_path, capsys):
   assert common.main(["--type", "vqa", "--predictions", str(bad)]) == 2
   assert "bad.jsonl:2" in capsys.readouterr().err
 
+
+
+def test_cli_as_a_module_reports_errors_without_a_traceback():
+  """`python -m` runs the file as __main__ too; its errors must still be caught."""
+  proc = subprocess.run([sys.executable, "-m", "big_vision_cxr.evaluators.common", "--type", "vqa",
+                         "--predictions", str(DATA / "preds_vqa.jsonl"), "--score_rule", "ones"],
+                        capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 2
+  assert "error: vqa metrics take no options, got ['score_rule']." in proc.stderr
+  assert "Traceback" not in proc.stderr
 
 class _FakeTokenizer:
   eos_id = 1

@@ -161,9 +161,15 @@ class Evaluator:
         records += self.predict_batch(params, batch, list(gts))
     return records
 
-  @staticmethod
-  def compute_metrics(records, **kw):
-    raise NotImplementedError
+  metric_fn = None  # records -> metrics, for evaluators whose metrics take no options
+
+  @classmethod
+  def compute_metrics(cls, records, **kw):
+    """`metric_fn` over all records plus per source; override where metrics take options."""
+    if kw:
+      name = cls.__module__.rsplit(".", 1)[-1]
+      raise EvalError(f"{name} metrics take no options, got {sorted(kw)}.")
+    return {**cls.metric_fn(records), **by_source(records, cls.metric_fn)}
 
   def run(self, params):
     records = self.predict(params)
@@ -210,4 +216,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  # Run the imported module's main, so that its EvalError is the class the evaluators raise
+  # (under `python -m` this file is also __main__, a second copy with its own classes).
+  from big_vision_cxr.evaluators import common
+  sys.exit(common.main())

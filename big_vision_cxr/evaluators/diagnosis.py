@@ -98,8 +98,4 @@ class Evaluator(common.Evaluator):
         r["p_tb"] = float(probs[confidence.POSITIVE_ANSWER][i])
     return records
 
-  @staticmethod
-  def compute_metrics(records, **kw):
-    if kw:
-      raise common.EvalError(f"diagnosis metrics take no options, got {sorted(kw)}.")
-    return {**_metrics(records), **common.by_source(records, _metrics)}
+  metric_fn = staticmethod(_metrics)

@@ -48,8 +48,4 @@ class Evaluator(common.Evaluator):
     return [dict(common.base_record(g), loglik=float(ll), n_tokens=len(tok.encode(g["suffix"], eos=True)))
             for g, ll in zip(gts, loglik)]
 
-  @staticmethod
-  def compute_metrics(records, **kw):
-    if kw:
-      raise common.EvalError(f"perplexity metrics take no options, got {sorted(kw)}.")
-    return {**_metrics(records), **common.by_source(records, _metrics)}
+  metric_fn = staticmethod(_metrics)

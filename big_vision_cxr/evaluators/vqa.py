@@ -65,8 +65,4 @@ class Evaluator(common.Evaluator):
     return [dict(common.base_record(g), question=g["prefix"], question_type=g.get("question_type"),
                  answer=g["suffix"], prediction=o["text"]) for g, o in zip(gts, outs)]
 
-  @staticmethod
-  def compute_metrics(records, **kw):
-    if kw:
-      raise common.EvalError(f"vqa metrics take no options, got {sorted(kw)}.")
-    return {**_metrics(records), **common.by_source(records, _metrics)}
+  metric_fn = staticmethod(_metrics)
