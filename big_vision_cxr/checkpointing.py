@@ -46,6 +46,8 @@ class Checkpointer:
     if jax.process_index() == 0:
       self.directory.mkdir(parents=True, exist_ok=True)
       self._set_aside_incomplete()
+    if jax.process_count() > 1:  # the others look at the directory only once it is tidied
+      ocp.multihost.sync_global_processes("bvcxr_checkpointer_init")
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None, create=True, cleanup_tmp_directories=True,
         enable_async_checkpointing=async_save)

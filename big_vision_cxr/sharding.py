@@ -11,6 +11,7 @@ axes; -1 takes the remaining devices. `config.sharding_strategy` is a list of
 Batches are global arrays split over all mesh axes on the batch dimension.
 """
 import ast
+import logging
 import os
 
 import jax
@@ -24,12 +25,77 @@ class ShardingError(ValueError):
   """A mesh or sharding rule that cannot be built for these devices or shapes."""
 
 
+# jax.distributed.initialize arguments config.distributed may set.
+DISTRIBUTED_KEYS = ("coordinator_address", "num_processes", "process_id", "local_device_ids",
+                    "cluster_detection_method", "initialization_timeout",
+                    "coordinator_bind_address")
+# jax 0.10 reads JAX_COORDINATOR_ADDRESS and JAX_LOCAL_DEVICE_IDS itself, but has no variable
+# for these two (only its TPU / Slurm / Open MPI / Kubernetes auto-detection sets them).
+_ENV_INTS = {"num_processes": "BVCXR_NUM_PROCESSES", "process_id": "BVCXR_PROCESS_ID"}
+
+
+def distributed_settings(config, environ=None):
+  """Keyword arguments for jax.distributed.initialize, or None for a single-process run.
+
+  config.distributed: False (default), True (auto-detect: TPU pods, Slurm, Open MPI,
+  Kubernetes; or JAX_COORDINATOR_ADDRESS / JAX_LOCAL_DEVICE_IDS), or a dict of
+  DISTRIBUTED_KEYS. Env BVCXR_DISTRIBUTED=1 turns it on from the command line, with
+  BVCXR_NUM_PROCESSES / BVCXR_PROCESS_ID filling what the dict leaves unset.
+  """
+  environ = os.environ if environ is None else environ
+  setting = config.get("distributed", False)
+  if not setting and environ.get("BVCXR_DISTRIBUTED") != "1":
+    return None
+  if setting is None or isinstance(setting, bool):
+    kwargs = {}
+  elif hasattr(setting, "items"):
+    kwargs = dict(setting.items())
+    unknown = sorted(set(kwargs) - set(DISTRIBUTED_KEYS))
+    if unknown:
+      raise ShardingError(f"config.distributed has unknown keys {unknown}; known: "
+                          f"{list(DISTRIBUTED_KEYS)}.")
+  else:
+    raise ShardingError(f"config.distributed must be a bool or a dict of {list(DISTRIBUTED_KEYS)}, "
+                        f"got {setting!r}.")
+  for key, var in _ENV_INTS.items():
+    if kwargs.get(key) is None and environ.get(var):
+      try:
+        kwargs[key] = int(environ[var])
+      except ValueError:
+        raise ShardingError(f"env {var}={environ[var]!r} is not an int.") from None
+  for key in ("num_processes", "process_id", "initialization_timeout"):
+    if kwargs.get(key) is not None and (isinstance(kwargs[key], bool)
+                                        or not isinstance(kwargs[key], int)):
+      raise ShardingError(f"config.distributed.{key} must be an int, got {kwargs[key]!r}.")
+  return {k: v for k, v in kwargs.items() if v is not None}
+
+
 def maybe_initialize_distributed(config):
-  """jax.distributed.initialize() for multi-host runs (config.distributed or env)."""
-  wanted = config.get("distributed", False) or os.environ.get("BVCXR_DISTRIBUTED") == "1"
-  if wanted:
-    jax.distributed.initialize()
-  return wanted
+  """jax.distributed.initialize(**distributed_settings(config)); True when multi-process.
+
+  Must run before anything touches the devices. Selects gloo CPU collectives when none
+  are set (without them a multi-process CPU step fails with "Multiprocess computations
+  aren't implemented on the CPU backend"). Calling it again in the same process is a no-op.
+  """
+  kwargs = distributed_settings(config)
+  if kwargs is None:
+    return False
+  if jax.distributed.is_initialized():
+    return True
+  if jax.config.jax_cpu_collectives_implementation is None:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  try:
+    jax.distributed.initialize(**kwargs)
+  except (ValueError, TypeError, RuntimeError) as e:
+    raise ShardingError(
+        f"jax.distributed.initialize({kwargs}) failed: {e}. Without TPU / Slurm / Open MPI "
+        f"auto-detection set coordinator_address, num_processes and process_id (config."
+        f"distributed dict, or env JAX_COORDINATOR_ADDRESS, BVCXR_NUM_PROCESSES, "
+        f"BVCXR_PROCESS_ID), and call it before any JAX computation.") from e
+  logging.info("jax.distributed: process %d of %d, %d local / %d global devices.",
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count())
+  return True
 
 
 def create_mesh(mesh_spec, devices=None):
