@@ -36,6 +36,21 @@ class NonFiniteLossError(RuntimeError):
 
 # ---------------------------------------------------------------- model -----
 
+# The jax.checkpoint_policies that are policies themselves (the others build one from names).
+REMAT_POLICIES = ("nothing_saveable", "everything_saveable", "dots_saveable", "checkpoint_dots",
+                  "dots_with_no_batch_dims_saveable", "checkpoint_dots_with_no_batch_dims")
+
+
+def check_remat(part, value):
+  """config.model.{img,llm}.remat: a bool or a REMAT_POLICIES name, else a ConfigError."""
+  if value is None or isinstance(value, bool) or value in ("none", "") or (
+      isinstance(value, str) and value in REMAT_POLICIES and hasattr(jax.checkpoint_policies, value)):
+    return
+  raise config_lib.ConfigError(
+      f"config.model.{part}.remat={value!r}: use True (recompute each layer's activations in "
+      f"the backward pass), False, or a jax.checkpoint_policies name: {list(REMAT_POLICIES)}.")
+
+
 def model_config(config):
   """Resolves config.model (variant + img/llm overrides + compute dtype) to Model kwargs."""
   module = sys.modules[MODELS.get(config.model_name).__module__]
@@ -44,6 +59,7 @@ def model_config(config):
     overrides = config.model.get(part) or {}
     for key, value in dict(overrides).items():
       cfg[part][key] = value
+    check_remat(part, cfg[part].get("remat", False))
   dtype = config.get("compute_dtype")
   if dtype:
     for part in ("img", "llm"):

@@ -10,6 +10,7 @@ import pytest
 
 import _trainer_testlib as lib
 from big_vision_cxr import optim
+from big_vision_cxr.config import ConfigError
 from big_vision_cxr import sharding
 from big_vision_cxr import train
 
@@ -230,3 +231,50 @@ def test_model_init_loads_the_npz_and_frozen_params_keep_its_values(stand_in, tm
   jax.tree.map(np.testing.assert_array_equal, after["img"], weights["img"])
   np.testing.assert_allclose(after["llm"]["final_norm"]["scale"],
                              weights["llm"]["final_norm"]["scale"], atol=0.05)  # 2 small steps
+
+
+def _remat_config(llm, img):
+  """The tiny model with both towers trained (so remat in either changes the backward pass)."""
+  return lib.tiny_config(total_steps=3, model=dict(variant="tiny", llm=dict(remat=llm),
+                                                   img=dict(remat=img)),
+                         schedule=[(".*", dict(decay_type="cosine", warmup_steps=1))])
+
+
+def _remat_policies(config):
+  """The policies of the remat (jax.checkpoint) calls in the training gradient's jaxpr."""
+  model = train.build_model(config)
+  params = jax.eval_shape(train.init_params_fn(model, config, None), jax.random.key(0))
+  loss_fn = train.make_loss_fn(model, config, jax.tree.map(lambda _: True, params), None)
+  batch = next(lib.StandInBatches(8, 0))
+  jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: loss_fn(p, batch, jax.random.key(0))[0]))(params))
+  return {part.split("policy=")[1].split("\n")[0] for part in jaxpr.split("remat2[")[1:]}
+
+
+def test_remat_reaches_both_towers_and_changes_neither_losses_nor_updates(stand_in, tmp_path):
+  remat = _remat_config(llm=True, img="dots_saveable")
+  plain = _remat_config(llm=False, img=False)
+  assert _remat_policies(remat) == {"None", str(jax.checkpoint_policies.dots_saveable)}
+  assert _remat_policies(plain) == set()
+  before = jax.device_get(jax.jit(train.init_params_fn(train.build_model(plain), plain, None))(
+      jax.random.split(jax.random.key(plain.seed))[0]))
+  runs = {name: train.train(cfg, tmp_path / name) for name, cfg in (("remat", remat),
+                                                                     ("plain", plain))}
+  losses = {name: lib.read_losses(tmp_path / name) for name in runs}
+  assert sorted(losses["remat"]) == [1, 2, 3]
+  np.testing.assert_allclose([losses["remat"][s] for s in (1, 2, 3)],
+                             [losses["plain"][s] for s in (1, 2, 3)], rtol=1e-5, atol=1e-5)
+  after = {name: jax.device_get(s["state"]["params"]) for name, s in runs.items()}
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               after["remat"], after["plain"])
+  moved = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), after["remat"], before))
+  assert all(moved)  # every weight, of both towers, was updated
+
+
+@pytest.mark.parametrize("policy", ["dots_saveabel", "save_only_these_names", 1])
+def test_unknown_remat_policy_fails_before_compiling(stand_in, tmp_path, monkeypatch, policy):
+  compiled = []
+  monkeypatch.setattr(train, "make_update_fn", lambda *a, **k: compiled.append(1))
+  with pytest.raises(ConfigError, match=rf"config.model.llm.remat={policy!r}: use True .*\['nothing_"
+                                        r"saveable', 'everything_saveable', 'dots_saveable'"):
+    train.train(_remat_config(llm=policy, img=False), tmp_path)
+  assert not compiled and not (tmp_path / "checkpoints").exists()
