@@ -2,14 +2,18 @@
 
   python -m big_vision_cxr.convert hf2bv --hf_dir DIR --out model.npz
   python -m big_vision_cxr.convert bv2hf --npz model.npz --variant pg1_3b_224 --out_dir DIR
+  python -m big_vision_cxr.convert export --workdir runs/x --config configs/cxr_mix.py:demo --out m.npz
 
 `bv2hf` writes config.json + model.safetensors loadable by
 `PaliGemmaForConditionalGeneration.from_pretrained(DIR)`. Only safetensors are read.
+`export` writes a training workdir's last complete checkpoint (LoRA merged) as a
+big_vision .npz, usable as `config.model_init` or by `bv2hf`.
 """
 import argparse
 import sys
 
 import ml_dtypes
+import numpy as np
 
 from big_vision_cxr import hf_interop
 from big_vision_cxr import npz
@@ -36,6 +40,21 @@ def bv2hf(npz_path, variant, out_dir, bf16=False, vocab_pad_multiple=64):
                             dtype=ml_dtypes.bfloat16 if bf16 else None)
 
 
+def export(workdir, config_spec, out, step=None, bf16=False):
+  """Our orbax training workdir -> big_vision .npz (LoRA merged); returns the step."""
+  from big_vision_cxr import config as config_lib  # pylint: disable=import-outside-toplevel
+  from big_vision_cxr import predict  # pylint: disable=import-outside-toplevel
+  params, step = predict.restore_params(workdir, step)
+  if "lora" in params:
+    from big_vision_cxr import train  # pylint: disable=import-outside-toplevel
+    params = train.model_params(params, config_lib.load_config(config_spec).get("lora"))
+  flat = {k: np.asarray(v) for k, v in npz.flatten(params).items()}
+  if bf16:
+    flat = {k: v.astype(ml_dtypes.bfloat16) for k, v in flat.items()}
+  npz.save_npz(npz.unflatten(flat), out)
+  return step
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(prog="python -m big_vision_cxr.convert", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,6 +70,12 @@ def main(argv=None):
   b.add_argument("--bf16", action="store_true", help="write bfloat16 safetensors")
   b.add_argument("--vocab_pad_multiple", type=int, default=64,
                  help="pad the HF embedding (with room for <image>) to this multiple; 0: none")
+  e = sub.add_parser("export", help="our training workdir -> big_vision .npz")
+  e.add_argument("--workdir", required=True)
+  e.add_argument("--config", required=True, help="the training config (file.py:args)")
+  e.add_argument("--out", required=True, help="output .npz path")
+  e.add_argument("--step", type=int, default=None, help="default: the last complete one")
+  e.add_argument("--bf16", action="store_true", help="store bfloat16 (as 'V2') instead of f32")
   args = parser.parse_args(argv)
   try:
     if args.command == "hf2bv":
@@ -58,10 +83,13 @@ def main(argv=None):
         parser.error(f"--out must end in .npz, got {args.out!r}")
       config = hf2bv(args.hf_dir, args.out, args.bf16)
       print(f"wrote {args.out} (img {dict(config.img)}, llm {dict(config.llm)})")
+    elif args.command == "export":
+      step = export(args.workdir, args.config, args.out, args.step, args.bf16)
+      print(f"wrote {args.out} (step {step} of {args.workdir})")
     else:
       bv2hf(args.npz, args.variant, args.out_dir, args.bf16, args.vocab_pad_multiple)
       print(f"wrote {args.out_dir}/config.json and model.safetensors")
-  except (npz.CheckpointError, ValueError) as e:
+  except (npz.CheckpointError, ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   return 0

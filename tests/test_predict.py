@@ -325,6 +325,16 @@ def test_lora_workdir_is_merged_with_the_training_config(assets, tmp_path):
                                 params["img"]["embedding"]["kernel"])
   with pytest.raises(predict.PredictError, match="LoRA params: pass the training --config"):
     predict.load(tmp_path / "wd", model_variant=VARIANT, vqvae=assets["vqvae"])
+  # `convert export` writes the same merged params as a big_vision .npz.
+  from big_vision_cxr import convert
+  spec = str(pathlib.Path(__file__).parents[1] / "configs" / "cxr_mix.py") + ":demo,lora"
+  assert convert.main(["export", "--workdir", str(tmp_path / "wd"), "--config", spec,
+                       "--out", str(tmp_path / "merged.npz")]) == 0
+  exported = npz.load_npz(str(tmp_path / "merged.npz"))
+  for key, value in npz.flatten(jax.device_get(loaded.params)).items():
+    np.testing.assert_array_equal(exported[key], np.asarray(value), err_msg=key)
+  assert convert.main(["export", "--workdir", str(tmp_path / "none"), "--config", spec,
+                       "--out", str(tmp_path / "x.npz")]) == 1
 
 
 def test_a_failing_image_in_a_batch_is_isolated(tmp_path):
