@@ -174,6 +174,7 @@ def _small_real_config(arg, tmp_path):
   # The demo model shrunk further (vocabulary = the demo tokenizer's 2152 ids).
   config.model.img = dict(image_size=32, patch_size=8, width=24, depth=1, mlp_dim=32, num_heads=2)
   config.model.llm = dict(width=32, depth=1, mlp_dim=48, num_heads=2, head_dim=16)
+  config.model_init = ""  # the shipped demo pt model has the demo's shapes, not these
   config.input.datasets = {"phantom": dict(source="phantom", n=48, size=64, seed=0)}
   config.input.pp_image = "decode|resize(32)|value_range(-1, 1)"
   config.input.batch_size = 4
