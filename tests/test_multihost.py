@@ -8,6 +8,7 @@ with the losses of the uninterrupted run.
 """
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -296,10 +297,23 @@ def test_distributed_settings_from_config_and_env():
 
 
 def test_incomplete_distributed_settings_fail_with_what_to_set():
-  from big_vision_cxr import sharding  # pylint: disable=g-import-not-at-top
-  config = lib.tiny_config(distributed=dict(coordinator_address="localhost:1",
-                                            cluster_detection_method="deactivate"))
-  with pytest.raises(sharding.ShardingError, match=r"Number of processes must be defined.*set "
-                                                   r"coordinator_address, num_processes and "
-                                                   r"process_id"):
-    sharding.maybe_initialize_distributed(config)
+  # A fresh process: jax.distributed.initialize must run before JAX's backend starts, and
+  # this pytest worker may already have started it in another test.
+  code = """
+import sys
+sys.path.insert(0, "tests")
+import _trainer_testlib as lib
+from big_vision_cxr import sharding
+config = lib.tiny_config(distributed=dict(coordinator_address="localhost:1",
+                                          cluster_detection_method="deactivate"))
+try:
+  sharding.maybe_initialize_distributed(config)
+except sharding.ShardingError as e:
+  print("ShardingError:", e)
+"""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run([sys.executable, "-c", code], cwd=lib.REPO, env=env, timeout=120,
+                       capture_output=True, text=True)
+  assert re.search(r"ShardingError: .*Number of processes must be defined.*set "
+                   r"coordinator_address, num_processes and process_id", out.stdout), (
+                       out.stdout + out.stderr)
