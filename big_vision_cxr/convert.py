@@ -12,6 +12,7 @@ big_vision .npz, usable as `config.model_init` or by `bv2hf`.
 import argparse
 import sys
 
+import jax
 import ml_dtypes
 import numpy as np
 
@@ -20,15 +21,16 @@ from big_vision_cxr import npz
 from big_vision_cxr.models import paligemma
 
 
+def _to_bf16(params):
+  return jax.tree.map(lambda v: np.asarray(v).astype(ml_dtypes.bfloat16), params)
+
+
 def hf2bv(hf_dir, out, bf16=False):
   """Reads a save_pretrained directory, writes our .npz; returns our model config."""
   state_dict, hf_config = hf_interop.read_hf_dir(hf_dir)
   config = hf_interop.config_from_hf(hf_config)
   params = hf_interop.params_from_hf(state_dict, config)
-  if bf16:
-    params = {k: v.astype(ml_dtypes.bfloat16) for k, v in npz.flatten(params).items()}
-    params = npz.unflatten(params)
-  npz.save_npz(params, out)
+  npz.save_npz(_to_bf16(params) if bf16 else params, out)
   return config
 
 
@@ -48,10 +50,7 @@ def export(workdir, config_spec, out, step=None, bf16=False):
   if "lora" in params:
     from big_vision_cxr import train  # pylint: disable=import-outside-toplevel
     params = train.model_params(params, config_lib.load_config(config_spec).get("lora"))
-  flat = {k: np.asarray(v) for k, v in npz.flatten(params).items()}
-  if bf16:
-    flat = {k: v.astype(ml_dtypes.bfloat16) for k, v in flat.items()}
-  npz.save_npz(npz.unflatten(flat), out)
+  npz.save_npz(_to_bf16(params) if bf16 else params, out)
   return step
 
 
