@@ -1,0 +1,44 @@
+"""Atomic file writes: a temporary file in the same folder, then os.replace.
+
+A reader sees the old file or the new one, never a half-written one; a crash
+leaves at most a `.tmp-*` file behind. The temporary name is short (a long but
+legal target name still works) and an existing symlink at the target is
+replaced, not followed. Files get mode 0644 less the umask, as open() gives.
+"""
+import contextlib
+import os
+import tempfile
+
+
+def _umask():
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+@contextlib.contextmanager
+def target(path):
+  """Yields a temporary path to write; on success it becomes `path`."""
+  path = os.fspath(path)
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+  os.close(fd)
+  try:
+    yield tmp
+    with open(tmp, "rb+") as f:
+      os.fsync(f.fileno())
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
+  finally:
+    if os.path.lexists(tmp):
+      os.remove(tmp)
+
+
+def write_bytes(path, data):
+  with target(path) as tmp, open(tmp, "wb") as f:
+    f.write(data)
+
+
+def write_text(path, text):
+  write_bytes(path, text.encode("utf-8"))
