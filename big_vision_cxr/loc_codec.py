@@ -12,8 +12,8 @@ import re
 
 import numpy as np
 
-NUM_LOC = 1024
-NUM_SEG = 128
+from big_vision_cxr.tokenizer import NUM_LOC, NUM_SEG
+
 SEGS_PER_MASK = 16
 SEPARATOR = " ; "
 

@@ -1,4 +1,4 @@
-"""The project's three registries: preprocessing ops, models and evaluators.
+"""The project's registries: data sources, preprocessing ops, models and evaluators.
 
 Each registry knows the modules that fill it and imports them on first use, so
 `MODELS.get("paligemma")` works without the caller importing anything.
@@ -40,6 +40,7 @@ class Registry:
     return sorted(self._entries)
 
 
+DATA_SOURCES = Registry("data source", modules=())  # filled by big_vision_cxr/data/ modules
 PP_OPS = Registry("preprocessing op", modules=(
     "big_vision_cxr.pp.ops_image",
     "big_vision_cxr.pp.ops_text",

@@ -15,6 +15,7 @@ CLI: python -m big_vision_cxr.tokenizer train --corpus FILE --out FILE --vocab_s
 """
 import argparse
 import os
+import pathlib
 import re
 import sys
 import tempfile
@@ -24,6 +25,7 @@ from sentencepiece import sentencepiece_model_pb2 as sp_pb
 
 NUM_LOC = 1024
 NUM_SEG = 128
+DEMO_TOKENIZER = pathlib.Path(__file__).parent / "assets" / "cxr_demo_spm.model"
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 SEP = "\n"
 _LOC_OR_SEG = re.compile(r"^<(loc\d{4}|seg\d{3})>$")

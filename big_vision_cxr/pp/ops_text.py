@@ -1,4 +1,4 @@
-"""Text pp ops: PaliGemma's prefix/suffix layout (paligemma_facts.md §2.6).
+"""Text pp ops: PaliGemma's prefix/suffix layout .
 
 tokenize_train(text_len): BOS + prefix, the "\\n" separator as its own token,
   suffix + EOS; mask_ar and mask_loss are [0...0 | 0 | 1...1]; padded or plainly
@@ -11,18 +11,14 @@ The tokenizer comes from the builder's context (`tokenizer=`) or, by default,
 the demo asset. Encodings are memoised (prompts repeat).
 """
 import functools
-import pathlib
 
 import numpy as np
 
 from big_vision_cxr import tokenizer as tokenizer_lib
 from big_vision_cxr.registry import PP_OPS
 
-DEMO_TOKENIZER = pathlib.Path(tokenizer_lib.__file__).parent / "assets" / "cxr_demo_spm.model"
-
-
 @functools.lru_cache(maxsize=4)
-def default_tokenizer(path=DEMO_TOKENIZER):
+def default_tokenizer(path=tokenizer_lib.DEMO_TOKENIZER):
   """The shipped demo tokenizer (loaded once)."""
   return tokenizer_lib.Tokenizer(path)
 
