@@ -14,8 +14,10 @@ import os
 import ml_collections
 import numpy as np
 
-from big_vision_cxr.npz import CheckpointError, unflatten
+from big_vision_cxr import atomic
+from big_vision_cxr.errors import CheckpointError
 from big_vision_cxr.npz import flatten
+from big_vision_cxr.npz import unflatten
 
 _PREFIXES = (  # Longest first: (HF prefix, internal section).
     ("model.vision_tower.vision_model.", "vision."),
@@ -93,7 +95,7 @@ def config_from_hf(hf_config):
       raise CheckpointError(f"config.json: query_pre_attn_scalar {scalar} is neither head_dim "
                             f"{head_dim} nor hidden_size/heads {width // heads}.")
     llm.update(post_norms=True, attn_logits_softcap=txt.get("attn_logit_softcapping"),
-               final_logits_softcap=txt.get("final_logit_softcapping"),
+               final_logits_softcap=txt.get("final_logit_softcapping") or 0.0,  # null: none.
                query_pre_attn_norm=query_norm)
   img = dict(image_size=vis["image_size"], patch_size=vis["patch_size"],
              width=vis["hidden_size"], depth=vis["num_hidden_layers"],
@@ -102,7 +104,9 @@ def config_from_hf(hf_config):
 
 
 def hf_config_from_ours(model_cfg, vocab_pad_multiple=64, dtype="float32"):
-  """Our ConfigDict -> HF PaliGemma config.json dict (the `<image>` id is our vocab size)."""
+  """Our ConfigDict -> HF PaliGemma config.json dict (the `<image>` id is our vocab size).
+  The softcaps are the model's own (final_logit_softcapping null for a model trained
+  with final_logits_softcap 0, as big_vision fine-tunes PaliGemma 2)."""
   img, llm = model_cfg["img"], model_cfg["llm"]
   vocab = llm["vocab_size"]
   hf_vocab = _padded_vocab(vocab, vocab_pad_multiple)
@@ -377,15 +381,10 @@ def read_hf_dir(hf_dir):
 
 def save_hf(params, model_cfg, out_dir, vocab_pad_multiple=64, dtype=None):
   """Writes config.json + model.safetensors that PaliGemmaForConditionalGeneration
-  .from_pretrained(out_dir) loads. Each file is written to a temporary name first."""
+  .from_pretrained(out_dir) loads; each file atomically (big_vision_cxr/atomic.py)."""
   from safetensors.numpy import save_file
   state_dict, hf_config = params_to_hf(params, model_cfg, vocab_pad_multiple, dtype)
-  os.makedirs(out_dir, exist_ok=True)
-  weights = os.path.join(out_dir, "model.safetensors")
-  save_file(state_dict, weights + ".tmp", metadata={"format": "pt"})
-  os.replace(weights + ".tmp", weights)
-  config_path = os.path.join(out_dir, "config.json")
-  with open(config_path + ".tmp", "w") as f:
-    json.dump(hf_config, f, indent=2)
-  os.replace(config_path + ".tmp", config_path)
+  with atomic.target(os.path.join(out_dir, "model.safetensors")) as tmp:
+    save_file(state_dict, tmp, metadata={"format": "pt"})
+  atomic.write_text(os.path.join(out_dir, "config.json"), json.dumps(hf_config, indent=2))
   return hf_config

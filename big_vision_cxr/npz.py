@@ -1,7 +1,7 @@
 """big_vision .npz checkpoints: flat '/'-joined keys, bfloat16 stored as 2-byte void.
 
 Reading never unpickles (`allow_pickle=False`); every problem raises `CheckpointError`
-naming the file and the key. Writing is atomic (temporary file, then os.replace).
+naming the file and the key. Writing is atomic (big_vision_cxr/atomic.py).
 """
 import os
 import re
@@ -10,9 +10,8 @@ import zipfile
 import ml_dtypes
 import numpy as np
 
-
-class CheckpointError(ValueError):
-  """A checkpoint file or its contents do not fit what was asked for."""
+from big_vision_cxr import atomic
+from big_vision_cxr.errors import CheckpointError
 
 
 def flatten(tree, prefix=""):
@@ -121,7 +120,6 @@ def _top_level_names(path):
 def save_npz(params, path, prefix=""):
   """Writes params (nested dict of arrays) as a flat .npz, bfloat16 as 'V2', atomically.
   `prefix='params/'` gives the wrapped layout of full big_vision checkpoints."""
-  path = os.fspath(path)
   flat = {}
   for name, value in flatten(params).items():
     array = np.asarray(value)
@@ -130,13 +128,5 @@ def save_npz(params, path, prefix=""):
     if array.dtype == object:
       raise CheckpointError(f"param {name!r} is an object array; refusing to save it.")
     flat[prefix + name] = array
-  tmp = f"{path}.tmp-{os.getpid()}"
-  try:
-    with open(tmp, "wb") as f:
-      np.savez(f, **flat)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  with atomic.target(path) as tmp, open(tmp, "wb") as f:
+    np.savez(f, **flat)

@@ -1,7 +1,8 @@
-"""The project's registries: data sources, preprocessing ops, models and evaluators.
+"""The project's registries: data sources, preprocessing ops and evaluators.
 
 Each registry knows the modules that fill it and imports them on first use, so
-`MODELS.get("paligemma")` works without the caller importing anything.
+`EVALUATORS.get("diagnosis")` works without the caller importing anything. Models
+need no registry: config.model_name is a module name (models/common.py).
 """
 import importlib
 
@@ -45,10 +46,6 @@ PP_OPS = Registry("preprocessing op", modules=(
     "big_vision_cxr.pp.ops_image",
     "big_vision_cxr.pp.ops_text",
     "big_vision_cxr.pp.ops_general",
-))
-MODELS = Registry("model", modules=(
-    "big_vision_cxr.models.paligemma",
-    "big_vision_cxr.models.vqvae",
 ))
 EVALUATORS = Registry("evaluator", modules=(
     "big_vision_cxr.evaluators.diagnosis",

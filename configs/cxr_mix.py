@@ -13,6 +13,8 @@ Args (after ':', comma-separated):
             evaluated on held-out phantom patients, next to trivial baselines.
   demo_pt   makes that tiny pt model: from scratch on other phantom patients (~17 min).
   lora      LoRA (rank 16) on the LLM's attention and MLP weights instead of full fine-tuning.
+  variant=pg2_3b_224   another PaliGemma (default pg1_3b_224); with a PG2 one, also set
+            --config.model_init to its pt .npz.
 Paths default to environment variables: BVCXR_MODEL_INIT, BVCXR_TOKENIZER, BVCXR_VQVAE,
 BVCXR_TBX11K (default ../shared/data/tbx11k_tb_subset), BVCXR_NIH.
 """
@@ -40,16 +42,23 @@ TABLE_METRICS = {"diagnosis": ("accuracy", "auc"), "vqa": ("closed/accuracy", "a
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, task="", demo=False, demo_pt=False, lora=False)
+  arg = parse_arg(arg, task="", demo=False, demo_pt=False, lora=False, variant="")
   if arg.task and arg.task not in TASKS:
     raise ValueError(f"configs/cxr_mix.py: task={arg.task!r} is not one of {TASKS}.")
+  if arg.variant and (arg.demo or arg.demo_pt):
+    raise ValueError("configs/cxr_mix.py: variant= and demo/demo_pt exclude each other "
+                     "(the demo has its own tiny model).")
   tasks = (arg.task,) if arg.task else TASKS
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.resume = True  # continue from the last complete checkpoint in the workdir
   c.distributed = False  # jax.distributed.initialize() (multi-host); or BVCXR_DISTRIBUTED=1
   c.model_name = "paligemma"
-  c.model = dict(variant="pg1_3b_224", img=dict(), llm=dict(remat=False))
+  c.model = dict(variant=arg.variant or "pg1_3b_224", img=dict(), llm=dict(remat=False))
+  if c.model.variant.startswith("pg2_"):
+    # PaliGemma 2 pt models soft-cap the final logits at 30; big_vision fine-tunes them
+    # without that cap (its PG2 transfer configs set 0.0), and so do we.
+    c.model.llm.final_logits_softcap = 0.0
   c.model_init = os.environ.get("BVCXR_MODEL_INIT", "paligemma-3b-pt-224.npz")
   c.model_load = dict(dont_load=())
   c.tokenizer = os.environ.get("BVCXR_TOKENIZER", "paligemma_tokenizer.model")

@@ -214,3 +214,38 @@ def test_hf_defaults_table_matches_transformers():
   for model_type, defaults in hf_interop.HF_DEFAULTS.items():
     config = classes[model_type]()
     assert {k: getattr(config, k) for k in defaults} == defaults, model_type
+
+
+def test_final_logits_softcap_30_and_0_match_hf_both_ways(tmp_path):
+  """PG2 pt models cap the final logits at 30; big_vision fine-tunes PG2 with 0.0 (no cap):
+  export writes the model's own value (null for 0), import reads it back."""
+  hf_model = hf_utils.make_hf_model("pg2", seed=2, extra_vocab_rows=0)
+  cfg = hf_interop.config_from_hf(hf_model.config.to_dict())
+  params = hf_interop.params_from_hf(hf_model.state_dict(), cfg)
+  inputs = hf_utils.random_inputs(seed=2)
+  logits = {}
+  for cap in (30.0, 0.0):
+    cfg.llm.final_logits_softcap = cap
+    out = tmp_path / f"cap{cap:g}"
+    hf_interop.save_hf(params, cfg, out)
+    hf_config = json.loads((out / "config.json").read_text())
+    assert hf_config["text_config"]["final_logit_softcapping"] == (cap or None)
+    assert hf_interop.config_from_hf(hf_config).to_dict() == cfg.to_dict()
+    exported = type(hf_model).from_pretrained(out, attn_implementation="eager").eval()
+    logits[cap], _ = pg.Model(**cfg.to_dict()).apply({"params": params}, *inputs)
+    diff = _max_diff(logits[cap], hf_utils.hf_text_logits(exported, *inputs))
+    print(f"final_logits_softcap={cap}: ours vs HF logits max-abs-diff {diff:.2e}")
+    assert diff < TOL
+  assert _max_diff(logits[30.0], logits[0.0]) > 1e-2  # The cap acts on these logits.
+
+
+def test_save_hf_files_are_0644(case, tmp_path):
+  _, _, _, cfg, params, _, _ = case
+  umask = os.umask(0o022)
+  try:
+    hf_interop.save_hf(params, cfg, tmp_path / "hf")
+  finally:
+    os.umask(umask)
+  assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "model.safetensors"]
+  for name in ("config.json", "model.safetensors"):
+    assert os.stat(tmp_path / "hf" / name).st_mode & 0o777 == 0o644, name

@@ -1,4 +1,5 @@
-"""big_vision .npz checkpoints: official layout, bf16 as V2, sub-trees, posemb, clear errors."""
+"""big_vision .npz checkpoints: official layout, bf16 as V2, sub-trees, posemb, clear errors,
+the fused qkv_einsum and unscanned ViT layouts."""
 import os
 import zipfile
 
@@ -8,6 +9,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from big_vision_cxr import errors
 from big_vision_cxr import npz
 from big_vision_cxr.models import paligemma as pg
 from big_vision_cxr.models import vit
@@ -174,3 +176,63 @@ def test_save_is_atomic_and_refuses_object_arrays(tmp_path):
   assert zipfile.is_zipfile(path)
   with pytest.raises(npz.CheckpointError, match="both an array and"):
     npz.unflatten({"a": 1, "a/b": 2})
+
+
+def test_fused_qkv_einsum_loads_with_same_logits(tmp_path):
+  """big_vision stores a Gemma with num_kv_heads == num_heads as one qkv_einsum."""
+  cfg = pg.get_config("tiny").to_dict()
+  cfg["llm"]["num_kv_heads"] = cfg["llm"]["num_heads"]
+  params = _random_params(cfg, 3)
+  flat = npz.flatten(params)
+  attn = "llm/layers/attn/"
+  q, kv = flat.pop(attn + "q_einsum/w"), flat.pop(attn + "kv_einsum/w")  # [L,N,D,H], [L,2,N,D,H]
+  flat[attn + "qkv_einsum/w"] = np.concatenate([q[:, None], kv], axis=1)  # [L, 3, N, D, H]
+  assert flat[attn + "qkv_einsum/w"].shape == (2, 3, 4, 32, 12)
+  npz.save_npz(npz.unflatten(flat), tmp_path / "qkv.npz", prefix="params/")
+  npz.save_npz(params, tmp_path / "split.npz")
+  shapes = pg.param_shapes(cfg)
+  fused, split = (pg.load(shapes, str(tmp_path / f"{n}.npz"), cfg) for n in ("qkv", "split"))
+  _assert_trees_equal(fused, split)
+  model = pg.Model(**cfg)
+  rng = np.random.default_rng(0)
+  inputs = (rng.uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32),
+            rng.integers(0, cfg["llm"]["vocab_size"], (2, 5)).astype(np.int32),
+            np.array([[0, 0, 1, 1, 1]] * 2, np.int32))
+  logits = lambda p: np.asarray(model.apply({"params": p}, *inputs)[0])
+  np.testing.assert_array_equal(logits(fused), logits(split))
+  only_llm = pg.load(shapes, f"{tmp_path}/qkv.npz:llm", cfg)  # Sub-tree loading converts too.
+  _assert_trees_equal(only_llm["llm"], split["llm"])
+  with pytest.raises(npz.CheckpointError, match=r"qkv.npz.*kv_einsum/w' has shape \(2, 2, 4"):
+    pg.load(pg.param_shapes(pg.get_config("tiny").to_dict()), str(tmp_path / "qkv.npz"))
+  both = dict(flat, **{attn + "q_einsum/w": q})
+  npz.save_npz(npz.unflatten(both), tmp_path / "both.npz")
+  with pytest.raises(npz.CheckpointError, match="both.npz.*qkv_einsum/w and .*q_einsum/w"):
+    pg.load(shapes, str(tmp_path / "both.npz"), cfg)
+
+
+def test_unscanned_vit_loads_with_same_logits(setup, tmp_path):
+  cfg, forward, inputs, params, _ = setup
+  flat = npz.flatten(params)
+  scanned = "img/Transformer/encoderblock/"
+  unscanned = {k: v for k, v in flat.items() if not k.startswith(scanned)}
+  for k, v in flat.items():
+    if k.startswith(scanned):
+      for i in range(cfg["img"]["depth"]):
+        unscanned[f"img/Transformer/encoderblock_{i}/{k[len(scanned):]}"] = v[i]
+  bf16 = {k: v.astype(ml_dtypes.bfloat16) for k, v in unscanned.items()}
+  npz.save_npz(npz.unflatten(bf16), tmp_path / "unscanned.npz", prefix="params/")
+  loaded = pg.load(pg.param_shapes(cfg), str(tmp_path / "unscanned.npz"), cfg)
+  as_f32 = jax.tree_util.tree_map(lambda x: x.astype(ml_dtypes.bfloat16).astype(np.float32), params)
+  _assert_trees_equal(loaded, as_f32)
+  np.testing.assert_array_equal(forward(loaded, *inputs), forward(as_f32, *inputs))
+  only_img = pg.load(params, f"{tmp_path}/unscanned.npz:img", cfg)
+  _assert_trees_equal(only_img["img"], as_f32["img"])
+  mlp = "MlpBlock_0/Dense_0/bias"
+  del unscanned[f"img/Transformer/encoderblock_1/{mlp}"]
+  npz.save_npz(npz.unflatten(unscanned), tmp_path / "gap.npz")
+  with pytest.raises(npz.CheckpointError, match=f"gap.npz.*of 2 blocks lacks .*encoderblock_1/{mlp}"):
+    pg.load(params, str(tmp_path / "gap.npz"), cfg)
+
+
+def test_checkpoint_error_is_the_project_one():
+  assert npz.CheckpointError is errors.CheckpointError and issubclass(npz.CheckpointError, errors.Error)

@@ -11,6 +11,8 @@ Params (below `llm/` in a PaliGemma checkpoint), depth stacked on axis 0:
   layers/mlp/linear [L, F, D]
   layers/post_{attention,ffw}_norm/scale   Gemma 2 only (`post_norms=True`)
   final_norm/scale [D]
+big_vision stores a Gemma with num_kv_heads == num_heads as one
+`layers/attn/qkv_einsum/w` [L, 3, N, D, H] instead; `split_qkv` converts it.
 Gemma 2's sliding-window attention is not implemented (as in big_vision): it only
 matters for sequences longer than 4096 tokens.
 
@@ -27,13 +29,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from big_vision_cxr.models import vit
+from big_vision_cxr.errors import CheckpointError
+from big_vision_cxr.models import common
 
 MASKED_LOGIT = -2.3819763e38
 
 
 def get_config(variant):
   """Gemma architectures used by PaliGemma 1 and 2 (vocab set by PaliGemma)."""
+  # final_logits_softcap 30 is what the pretrained Gemma 2 / PaliGemma 2 models use (and
+  # HF's released configs); big_vision fine-tunes PaliGemma 2 with 0.0 (no final softcap).
   gemma2 = dict(post_norms=True, attn_logits_softcap=50.0, final_logits_softcap=30.0,
                 query_pre_attn_norm="rsqrt_head_dim")
   configs = {
@@ -49,6 +54,25 @@ def get_config(variant):
   if variant not in configs:
     raise ValueError(f"Unknown Gemma variant {variant!r}; known: {', '.join(configs)}.")
   return dict(configs[variant])
+
+
+def split_qkv(flat, prefix):
+  """big_vision's `{prefix}layers/attn/qkv_einsum/w` [L, 3, N, D, H] -> our `q_einsum/w`
+  [L, N, D, H] and `kv_einsum/w` [L, 2, N, D, H]. flat: {'/'-joined name: array};
+  returns a new dict, unchanged when there is no qkv_einsum."""
+  attn = f"{prefix}layers/attn/"
+  if attn + "qkv_einsum/w" not in flat:
+    return flat
+  out = dict(flat)
+  qkv = out.pop(attn + "qkv_einsum/w")
+  if qkv.ndim != 5 or qkv.shape[1] != 3:
+    raise CheckpointError(f"{attn}qkv_einsum/w has shape {qkv.shape}, expected [L, 3, N, D, H].")
+  for name in ("q_einsum/w", "kv_einsum/w"):
+    if attn + name in out:
+      raise CheckpointError(f"{attn}qkv_einsum/w and {attn}{name} are both stored.")
+  out[attn + "q_einsum/w"] = qkv[:, 0]
+  out[attn + "kv_einsum/w"] = qkv[:, 1:]
+  return out
 
 
 def softcap(x, cap):
@@ -228,9 +252,8 @@ class Model(nn.Module):
     else:
       raise ValueError(f"Unknown query_pre_attn_norm {self.query_pre_attn_norm!r}.")
     self.embedder = Embedder(self.vocab_size, self.width, self.dtype)
-    blocks = vit.scan_blocks(Block, self.depth, self.remat, num_broadcast_args=4,
-                             static_argnums=(4, 5),
-                             variable_axes=("params", "cache"))
+    blocks = common.scan_blocks(Block, self.depth, self.remat, num_broadcast_args=4,
+                                static_argnums=(4, 5), variable_axes=("params", "cache"))
     self.layers = blocks(
         num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
         mlp_dim=self.mlp_dim, query_scale=query_scale, post_norms=self.post_norms,

@@ -17,7 +17,6 @@ import numpy as np
 from big_vision_cxr import npz
 from big_vision_cxr.models import gemma
 from big_vision_cxr.models import vit
-from big_vision_cxr.registry import MODELS
 
 PG_VOCAB = 256000 + 1024 + 128  # Gemma base vocabulary + <loc> + <seg> tokens.
 SO400M = dict(patch_size=14, width=1152, depth=27, mlp_dim=4304, num_heads=16)
@@ -75,7 +74,6 @@ def get_config(variant):
   return ml_collections.ConfigDict(VARIANTS[variant])
 
 
-@MODELS.register("paligemma")
 class Model(nn.Module):
   """PaliGemma. `img` and `llm` are the kwargs of vit.Model and gemma.Model."""
   img: Mapping[str, Any]
@@ -154,6 +152,8 @@ def load(init_params, init_file, model_cfg=None, dont_load=()):
   model_cfg: accepted for big_vision signature compatibility; shapes come from init_params.
   Returns the merged tree: loaded leaves as numpy arrays in the init dtype, other leaves
   as they were in init_params. `img/pos_embedding` is resampled if the grid differs.
+  big_vision's other layouts are converted: an unscanned ViT (`encoderblock_{i}`) and a
+  Gemma's fused `qkv_einsum` (num_kv_heads == num_heads).
   Raises npz.CheckpointError naming missing/unexpected keys or mismatched shapes.
   """
   del model_cfg
@@ -163,7 +163,10 @@ def load(init_params, init_file, model_cfg=None, dont_load=()):
     for part in reversed(subtree.split("/")):
       loaded = {part: loaded}
   flat_init = npz.flatten(init_params)
-  flat_loaded = npz.flatten(loaded)
+  try:
+    flat_loaded = gemma.split_qkv(vit.stack_unscanned(npz.flatten(loaded), "img/"), "llm/")
+  except npz.CheckpointError as e:
+    raise npz.CheckpointError(f"{path}: {e}") from None
   skip = [re.compile(p) for p in dont_load]
   in_scope = lambda name: not subtree or name.startswith(subtree + "/")
   wanted = {k for k in flat_init if in_scope(k) and not any(p.fullmatch(k) for p in skip)}

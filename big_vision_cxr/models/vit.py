@@ -3,44 +3,18 @@
 `pool_type='none'`: every patch token is kept, normalised by `encoder_norm` and
 projected by the linear `head` to the LLM width. Blocks are scanned, so the
 params are stacked on a leading depth axis exactly like the official .npz:
-`Transformer/encoderblock/...` with shapes `[depth, ...]`.
+`Transformer/encoderblock/...` with shapes `[depth, ...]`. `stack_unscanned`
+converts a checkpoint saved unscanned (`Transformer/encoderblock_{i}/...`).
 """
+import re
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def remat_policy(remat):
-  """Maps a config value to (use_remat, policy): False/None/'none', True or a
-  `jax.checkpoint_policies` name such as 'nothing_saveable' or 'dots_saveable'."""
-  if remat in (None, False, "none", ""):
-    return False, None
-  if remat is True:
-    return True, None
-  if not hasattr(jax.checkpoint_policies, remat):
-    raise ValueError(f"Unknown remat policy {remat!r}; use a bool or a name in "
-                     "jax.checkpoint_policies (e.g. 'nothing_saveable').")
-  return True, getattr(jax.checkpoint_policies, remat)
-
-
-def scan_blocks(block_cls, depth, remat, num_broadcast_args, static_argnums,
-                variable_axes=("params",)):
-  """Wraps `block_cls` (a module whose __call__(x, *broadcast) returns (x, None))
-  in optional remat and `nn.scan` over `depth` stacked layers. `static_argnums`
-  (counting `self` as 0) are the Python-valued arguments remat must not trace."""
-  use_remat, policy = remat_policy(remat)
-  if use_remat:
-    block_cls = nn.remat(block_cls, prevent_cse=False, policy=policy,
-                         static_argnums=static_argnums)
-  return nn.scan(
-      block_cls,
-      variable_axes={name: 0 for name in variable_axes},
-      split_rngs={"params": True, "dropout": True},
-      in_axes=(nn.broadcast,) * num_broadcast_args,
-      length=depth)
+from big_vision_cxr.errors import CheckpointError
+from big_vision_cxr.models import common
 
 
 class MlpBlock(nn.Module):
@@ -93,8 +67,8 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, x, deterministic=True):
-    blocks = scan_blocks(Encoder1DBlock, self.depth, self.remat, num_broadcast_args=1,
-                         static_argnums=(2,))
+    blocks = common.scan_blocks(Encoder1DBlock, self.depth, self.remat, num_broadcast_args=1,
+                                static_argnums=(2,))
     x, _ = blocks(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
                   dtype=self.dtype, name="encoderblock")(x, deterministic)
     return nn.LayerNorm(name="encoder_norm", dtype=self.dtype)(x)
@@ -152,3 +126,28 @@ def resample_posemb(posemb, num_tokens):
   grid = np.asarray(posemb, np.float32).reshape(old, old, c)
   grid = scipy.ndimage.zoom(grid, (new / old, new / old, 1), order=1)
   return grid.reshape(1, new * new, c).astype(posemb.dtype)
+
+
+def stack_unscanned(flat, prefix):
+  """A ViT saved unscanned (`{prefix}Transformer/encoderblock_{i}/...`) -> the scanned
+  layout `{prefix}Transformer/encoderblock/...` [depth, ...]. flat: {'/'-joined name:
+  array}; returns a new dict, unchanged when there are no unscanned blocks."""
+  pattern = re.compile(re.escape(prefix) + r"Transformer/encoderblock_(\d+)/(.+)")
+  out, blocks = {}, {}  # blocks: {name in the block: {layer: array}}
+  for name, value in flat.items():
+    match = pattern.fullmatch(name)
+    if match:
+      blocks.setdefault(match.group(2), {})[int(match.group(1))] = value
+    else:
+      out[name] = value
+  depth = 1 + max((i for layers in blocks.values() for i in layers), default=-1)
+  for name, layers in sorted(blocks.items()):
+    scanned = f"{prefix}Transformer/encoderblock/{name}"
+    if scanned in out:
+      raise CheckpointError(f"ViT param {scanned!r} is stored both scanned and per block.")
+    missing = [i for i in range(depth) if i not in layers]
+    if missing:
+      raise CheckpointError(f"unscanned ViT of {depth} blocks lacks "
+                            f"{prefix}Transformer/encoderblock_{missing[0]}/{name}.")
+    out[scanned] = np.stack([layers[i] for i in range(depth)])  # [depth, ...]
+  return out

@@ -12,21 +12,20 @@ Checkpoints use the official PyTorch key layout (`encoder.0.weight` OIHW,
 writes, and takes every width and kernel size from the shapes.
 """
 import dataclasses
-import os
-import tempfile
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from big_vision_cxr.registry import MODELS
+from big_vision_cxr import atomic
+from big_vision_cxr.errors import CheckpointError
 
 GRID = 4  # 64 / 2**4
 MASK_SIZE = 64
 
 
-class VQVAEFileError(ValueError):
+class VQVAEFileError(CheckpointError):
   """A VQ-VAE checkpoint file is missing a key or has a wrong shape."""
 
 
@@ -85,7 +84,6 @@ class Decoder(nn.Module):
     return nn.Conv(1, (1, 1), padding=0, name="Conv_1")(x)[..., 0]  # [B, 64, 64]
 
 
-@MODELS.register("vqvae")
 class Model(nn.Module):
   """params: {'encoder': ..., 'decoder': ..., 'codebook': [K, D]}."""
   cfg: Config = Config()
@@ -220,16 +218,5 @@ def load_npz(path):
 
 def save_npz(params, path):
   """Writes params in the official PyTorch key layout, atomically."""
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp.npz")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez_compressed(f, **to_torch_layout(params))
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  with atomic.target(path) as tmp, open(tmp, "wb") as f:
+    np.savez_compressed(f, **to_torch_layout(params))
