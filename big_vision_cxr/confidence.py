@@ -16,12 +16,13 @@ the candidates gives the probabilities and P(tb) = P('tuberculosis').
 """
 import numpy as np
 
+from big_vision_cxr import errors
 from big_vision_cxr.data import prompts
 
 BOX_SCORE_RULES = ("mean_loc", "first_loc", "min_loc", "mean_object", "ones")
 
 
-class ConfidenceError(ValueError):
+class ConfidenceError(errors.Error):
   """An unknown rule or log-probs that do not cover the parsed tokens."""
 
 

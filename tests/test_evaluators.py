@@ -18,8 +18,9 @@ import pytest
 from pycocotools import coco as coco_lib
 from pycocotools import cocoeval
 
-from big_vision_cxr import confidence, loc_codec
-from big_vision_cxr.evaluators import common, detection, diagnosis, perplexity, report, segmentation, vqa
+from big_vision_cxr import confidence, errors, loc_codec
+from big_vision_cxr.evaluators import __main__ as cli
+from big_vision_cxr.evaluators import coco, common, detection, diagnosis, perplexity, report, segmentation, vqa
 
 DATA = pathlib.Path(__file__).parent / "data"
 
@@ -96,7 +97,7 @@ def _coco_direct(records, iou_type="bbox", use_cats=1):
              "bbox": [x1 * w, y1 * h, (x2 - x1) * w, (y2 - y1) * h]}
       if iou_type == "segm":
         ann["segmentation"] = r["gt"]["mask_rle"][j]
-        ann["area"] = float(segmentation.rle_decode(ann["segmentation"], k).sum())
+        ann["area"] = float(coco.rle_to_mask(ann["segmentation"]).sum())
       gt["annotations"].append(ann)
     for o in r["objects"]:
       y1, x1, y2, x2 = o["bbox"]
@@ -176,12 +177,11 @@ def test_segmentation_fixed_file():
       tuple(_coco_direct(_load("segmentation"), "segm")))
 
 
-def test_segmentation_masks_follow_rle_round_trip():
-  mask = np.zeros((7, 9), bool)
-  mask[1:4, 2:8] = True
-  assert np.array_equal(segmentation.rle_decode(segmentation.rle_encode(mask), 0), mask)
-  with pytest.raises(common.EvalError, match="RLE"):
-    segmentation.rle_decode({"counts": "x"}, 3)
+def test_segmentation_names_the_record_of_a_malformed_mask():
+  recs = _load("segmentation")
+  recs[3]["gt"]["mask_rle"][0] = {"counts": "x"}
+  with pytest.raises(common.EvalError, match=r"record 3: a mask is not a COCO RLE"):
+    segmentation.Evaluator.compute_metrics(recs)
 
 
 def test_perplexity_fixed_file():
@@ -193,25 +193,24 @@ def test_perplexity_fixed_file():
 
 def test_cli_writes_json(tmp_path, capsys):
   out = tmp_path / "m.json"
-  assert common.main(["--type", "vqa", "--predictions", str(DATA / "preds_vqa.jsonl"), "--json", str(out)]) == 0
+  assert cli.main(["--type", "vqa", "--predictions", str(DATA / "preds_vqa.jsonl"), "--json", str(out)]) == 0
   assert json.loads(out.read_text())["closed/accuracy"] == pytest.approx(0.75)
   assert "closed/accuracy" in capsys.readouterr().out
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"question": 1}\nnot json\n')
-  assert common.main(["--type", "vqa", "--predictions", str(bad)]) == 2
+  assert errors.cli_main(cli.main, ["--type", "vqa", "--predictions", str(bad)]) == 2
   assert "bad.jsonl:2" in capsys.readouterr().err
 
 
-
 def test_cli_as_a_module_reports_errors_without_a_traceback():
-  """`python -m` runs the file as __main__ too; its errors must still be caught."""
-  proc = subprocess.run([sys.executable, "-m", "big_vision_cxr.evaluators.common", "--type", "vqa",
+  proc = subprocess.run([sys.executable, "-m", "big_vision_cxr.evaluators", "--type", "vqa",
                          "--predictions", str(DATA / "preds_vqa.jsonl"), "--score_rule", "ones"],
                         capture_output=True, text=True, timeout=300,
                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == 2
   assert "error: vqa metrics take no options, got ['score_rule']." in proc.stderr
   assert "Traceback" not in proc.stderr
+
 
 class _FakeTokenizer:
   eos_id = 1

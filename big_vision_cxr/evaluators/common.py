@@ -1,27 +1,23 @@
-"""Evaluator base, prediction-record files, shared statistics, and the standalone runner.
+"""Evaluator base, prediction-record files, shared statistics, and the factory of config.evals.
 
 Every evaluator has a pure `compute_metrics(records, **kw) -> dict[str, float]`
 on prediction records (one JSON object per line in a predictions file, formats
 in docs/EVALUATION.md) and a class that makes those records with a
 `decode.Predictor` on eval batches, so the same numbers come out inside training
-and standalone:
-
-  python -m big_vision_cxr.evaluators.common --type detection --predictions preds.jsonl [--json out.json]
+(`from_config`) and standalone (`python -m big_vision_cxr.evaluators`, __main__.py).
 """
-import argparse
 import collections
 import json
 import math
-import os
-import sys
-import tempfile
 
 import numpy as np
 
+from big_vision_cxr import atomic
+from big_vision_cxr import errors
 from big_vision_cxr.registry import EVALUATORS
 
 
-class EvalError(ValueError):
+class EvalError(errors.Error):
   """A prediction record or evaluator argument is malformed."""
 
 
@@ -62,22 +58,12 @@ def _json_default(x):
   raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
-def write_json_atomic(path, text):
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def write_jsonl(path, records):
-  write_json_atomic(path, "".join(json.dumps(r, default=_json_default) + "\n" for r in records))
+  atomic.write_text(path, "".join(json.dumps(r, default=_json_default) + "\n" for r in records))
+
+
+def write_json(path, value):
+  atomic.write_text(path, json.dumps(value, indent=1, default=_json_default))
 
 
 def by_source(records, metric_fn, **kw):
@@ -189,34 +175,27 @@ def generate(predictor, params, batch, gts):
   return predictor.generate(params, np.asarray(batch["image"])[:n], [g["prefix"] for g in gts])
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(description="Metrics of a predictions JSONL file (docs/EVALUATION.md).")
-  p.add_argument("--type", required=True, help=f"one of {EVALUATORS.names()}")
-  p.add_argument("--predictions", required=True)
-  p.add_argument("--json", help="also write the metrics to this JSON file")
-  p.add_argument("--score_rule", help="detection/segmentation: which stored score ranks boxes")
-  p.add_argument("--vqvae", help="segmentation: VQ-VAE .npz decoding seg tokens of text-only records")
-  args = p.parse_args(argv)
-  try:
-    cls = EVALUATORS.get(args.type)
-  except KeyError as e:
-    p.error(str(e))
-  kw = {k: v for k, v in (("score_rule", args.score_rule), ("vqvae", args.vqvae)) if v}
-  try:
-    metrics = cls.compute_metrics(read_jsonl(args.predictions), **kw)
-  except EvalError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  width = max(map(len, metrics), default=0)
-  for k, v in metrics.items():
-    print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
-  if args.json:
-    write_json_atomic(args.json, json.dumps(metrics, indent=1, default=_json_default))
-  return 0
+def from_config(config, model, tokenizer, seg_codec, *, class_names=None):
+  """{name: (evaluator, every_n_steps)} from config.evals (docs/EVALUATION.md).
 
-
-if __name__ == "__main__":
-  # Run the imported module's main, so that its EvalError is the class the evaluators raise
-  # (under `python -m` this file is also __main__, a second copy with its own classes).
-  from big_vision_cxr.evaluators import common
-  sys.exit(common.main())
+  Each evaluator's data is `input_pipeline.evaluation` on config.input (with
+  `class_names` when given); every_n_steps 0 or None: only at the end of training.
+  """
+  if not config.get("evals"):
+    return {}
+  from big_vision_cxr import decode  # pylint: disable=g-import-not-at-top
+  from big_vision_cxr import input_pipeline  # pylint: disable=g-import-not-at-top
+  data_kw = {} if class_names is None else {"class_names": class_names}
+  out = {}
+  for name, ev in config.evals.items():
+    ev = ev.to_dict()
+    predictor = decode.Predictor(model, tokenizer, **ev.pop("pred_kw", {}))
+    data = input_pipeline.evaluation(config.input, task=ev.pop("task"), split=ev.pop("split"),
+                                     batch_size=ev.pop("batch_size", 8), tokenizer=tokenizer,
+                                     seg_codec=seg_codec, **data_kw)
+    every = ev.pop("log_steps", None)
+    kind = ev.pop("type")
+    if kind == "segmentation" and seg_codec is not None:
+      ev.setdefault("seg_codec", seg_codec)
+    out[name] = (EVALUATORS.get(kind)(predictor, data, **ev), every)
+  return out

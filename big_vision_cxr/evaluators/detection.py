@@ -17,101 +17,9 @@ maxDets=100, area 'all'; AP averages IoU 0.50:0.05:0.95. Predicted names that
 are no ground-truth class count only class-agnostically. invalid_rate is the
 share of malformed objects among all objects the model emitted.
 """
-import contextlib
-import io
-
-import numpy as np
-from pycocotools import coco as coco_lib
-from pycocotools import cocoeval
-from pycocotools import mask as mask_lib
-
-from big_vision_cxr import confidence, loc_codec
+from big_vision_cxr.evaluators import coco
 from big_vision_cxr.evaluators import common
 from big_vision_cxr.registry import EVALUATORS
-
-DEFAULT_SCORE_RULE = "mean_loc"
-
-
-def xywh(box, height, width):
-  """Normalised (y_min, x_min, y_max, x_max) -> COCO pixel [x, y, w, h]."""
-  y1, x1, y2, x2 = (float(v) for v in box)
-  return [x1 * width, y1 * height, (x2 - x1) * width, (y2 - y1) * height]
-
-
-def _ap_from_precision(precision):
-  """precision [T, R] slice -> (AP, AP50, AP75); nan when the class has no ground truth."""
-  def mean(p):
-    p = p[p > -1]
-    return float(p.mean()) if p.size else float("nan")
-  return mean(precision), mean(precision[0]), mean(precision[5])
-
-
-def coco_ap(images, iou_type="bbox"):
-  """COCO AP of images = [dict(height, width, gts=[ann], preds=[ann])].
-
-  A gt ann is dict(label, bbox xywh[, segmentation RLE]); a pred ann adds score.
-  Returns {'AP', 'AP50', 'AP75', 'agnostic/...', 'class/<name>/...'}.
-  """
-  names = sorted({g["label"] for im in images for g in im["gts"]})
-  cat = {n: i + 1 for i, n in enumerate(names)}
-  out = {}
-  if not names:
-    for key in ("AP", "AP50", "AP75", "agnostic/AP", "agnostic/AP50", "agnostic/AP75"):
-      out[key] = float("nan")
-    return out
-  gt, dts = {"images": [], "annotations": [], "categories": [{"id": i, "name": n} for n, i in cat.items()]}, []
-  for k, im in enumerate(images):
-    image_id = k + 1
-    gt["images"].append({"id": image_id, "height": int(im["height"]), "width": int(im["width"])})
-    for g in im["gts"]:
-      ann = {"id": len(gt["annotations"]) + 1, "image_id": image_id, "category_id": cat[g["label"]],
-             "bbox": g["bbox"], "iscrowd": 0, "area": float(g["bbox"][2] * g["bbox"][3])}
-      if iou_type == "segm":
-        ann["segmentation"] = g["segmentation"]
-        ann["area"] = float(mask_lib.area(g["segmentation"]))
-      gt["annotations"].append(ann)
-    for p in im["preds"]:
-      # A class with no ground truth gets id 0: ignored per class, counted class-agnostically.
-      d = {"image_id": image_id, "category_id": cat.get(p["label"], 0), "bbox": p["bbox"],
-           "score": float(p["score"])}
-      if iou_type == "segm":
-        d["segmentation"] = p["segmentation"]
-      dts.append(d)
-  # Class-agnostic: every box in one category. (pycocotools' useCats=0 would still
-  # drop detections whose category has no ground truth.)
-  agnostic_gt = dict(gt, categories=[{"id": 1, "name": "lesion"}],
-                     annotations=[dict(a, category_id=1) for a in gt["annotations"]])
-  for prefix, gt_dict, dets in (("", gt, dts), ("agnostic/", agnostic_gt, [dict(d, category_id=1) for d in dts])):
-    if not dets:
-      keys = [prefix] + ([f"class/{n}/" for n in names] if not prefix else [])
-      out.update({f"{k}{m}": 0.0 for k in keys for m in ("AP", "AP50", "AP75")})
-      continue
-    with contextlib.redirect_stdout(io.StringIO()):
-      cgt = coco_lib.COCO()
-      cgt.dataset = gt_dict
-      cgt.createIndex()
-      ev = cocoeval.COCOeval(cgt, cgt.loadRes([dict(d) for d in dets]), iou_type)
-      ev.evaluate()
-      ev.accumulate()
-    precision = ev.eval["precision"][:, :, :, 0, -1]  # [T, R, K] at area 'all', maxDets 100
-    ap, ap50, ap75 = _ap_from_precision(precision)
-    out.update({f"{prefix}AP": ap, f"{prefix}AP50": ap50, f"{prefix}AP75": ap75})
-    if not prefix:
-      for k, n in enumerate(names):
-        ap, ap50, ap75 = _ap_from_precision(precision[:, :, k])
-        out.update({f"class/{n}/AP": ap, f"class/{n}/AP50": ap50, f"class/{n}/AP75": ap75})
-  return out
-
-
-def predicted_objects(record, index, *, require_seg=False):
-  """A record's predicted objects ([dict(bbox, label, scores, ...)], n_invalid)."""
-  if record.get("objects") is not None:
-    return record["objects"], int(record.get("n_invalid", 0))
-  common.require(record, ("prediction",), index, "detection/segmentation")
-  parsed = loc_codec.parse_objects(record["prediction"], require_seg=require_seg)
-  objs = [dict(bbox=o.box.tolist(), label=o.name, seg_ids=None if o.seg_ids is None else o.seg_ids.tolist(),
-               scores={}) for o in parsed.objects]
-  return objs, parsed.n_invalid
 
 
 def _check_gt(record, index):
@@ -123,57 +31,24 @@ def _check_gt(record, index):
   return gt
 
 
-def score_of(obj, rule, index):
-  if rule == "ones":
-    return 1.0
-  scores = obj.get("scores") or {}
-  if rule not in scores:
-    raise common.EvalError(f"record {index}: an object has no score for rule {rule!r} "
-                           f"(has {sorted(scores)}); write records with scores or use score_rule='ones'.")
-  return float(scores[rule])
-
-
-def score_rules(records, score_rule):
-  """The rules to report: the chosen one (if every object has scores) and 'ones'."""
-  has_scores = all(o.get("scores") for r in records for o in (r.get("objects") or []))
-  has_objects = all(r.get("objects") is not None for r in records)
-  return ("ones",) if score_rule == "ones" or not (has_scores and has_objects) else (score_rule, "ones")
-
-
-def _metrics(records, score_rule=DEFAULT_SCORE_RULE):
-  parsed = [predicted_objects(r, i) for i, r in enumerate(records)]
+def _metrics(records, score_rule=coco.DEFAULT_SCORE_RULE):
+  parsed = [coco.predicted_objects(r, i) for i, r in enumerate(records)]
   n_valid = sum(len(objs) for objs, _ in parsed)
   n_invalid = sum(n for _, n in parsed)
   out = {"n_images": float(len(records)), "n_gt": 0.0, "n_pred": float(n_valid),
          "invalid_rate": n_invalid / max(1, n_valid + n_invalid)}
-  for rule in score_rules(records, score_rule):
+  for rule in coco.score_rules(records, score_rule):
     images = []
     for i, (r, (objs, _)) in enumerate(zip(records, parsed)):
       gt = _check_gt(r, i)
       h, w = r["height"], r["width"]
-      images.append(dict(height=h, width=w,
-                         gts=[dict(label=l, bbox=xywh(b, h, w)) for b, l in zip(gt["bbox"], gt["label"])],
-                         preds=[dict(label=o["label"], bbox=xywh(o["bbox"], h, w), score=score_of(o, rule, i))
-                                for o in objs]))
+      gts = [dict(label=l, bbox=coco.xywh(b, h, w)) for b, l in zip(gt["bbox"], gt["label"])]
+      preds = [dict(label=o["label"], bbox=coco.xywh(o["bbox"], h, w), score=coco.score_of(o, rule, i))
+               for o in objs]
+      images.append(dict(height=h, width=w, gts=gts, preds=preds))
     out["n_gt"] = float(sum(len(im["gts"]) for im in images))
-    out.update({f"{rule}/{k}": v for k, v in coco_ap(images, "bbox").items()})
+    out.update({f"{rule}/{k}": v for k, v in coco.coco_ap(images, "bbox").items()})
   return out
-
-
-def objects_with_scores(output, tokenizer):
-  """A `Predictor.generate` output -> ([dict(bbox, label, seg_ids, scores)], n_invalid)."""
-  parsed = loc_codec.parse_token_ids(output["tokens"], tokenizer)
-  scores = {rule: confidence.box_scores(parsed, output["token_logprobs"], rule)
-            for rule in confidence.BOX_SCORE_RULES if rule != "ones"}
-  objs = [dict(bbox=o.box.tolist(), label=o.name, seg_ids=None if o.seg_ids is None else o.seg_ids.tolist(),
-               scores={rule: float(s[k]) for rule, s in scores.items()})
-          for k, o in enumerate(parsed.objects)]
-  return objs, parsed.n_invalid
-
-
-def gt_boxes(g):
-  objs = g.get("objects") or {"bbox": [], "label": []}
-  return dict(bbox=np.asarray(objs["bbox"], np.float64).reshape(-1, 4).tolist(), label=list(objs["label"]))
 
 
 @EVALUATORS.register("detection")
@@ -184,11 +59,11 @@ class Evaluator(common.Evaluator):
     outs = common.generate(self.predictor, params, batch, gts)
     records = []
     for g, o in zip(gts, outs):
-      objs, n_invalid = objects_with_scores(o, self.predictor.tokenizer)
-      records.append(dict(common.base_record(g), height=g["height"], width=g["width"], gt=gt_boxes(g),
+      objs, n_invalid = coco.objects_with_scores(o, self.predictor.tokenizer)
+      records.append(dict(common.base_record(g), height=g["height"], width=g["width"], gt=coco.gt_boxes(g),
                           prediction=o["text"], objects=objs, n_invalid=n_invalid))
     return records
 
   @staticmethod
-  def compute_metrics(records, score_rule=DEFAULT_SCORE_RULE):
+  def compute_metrics(records, score_rule=coco.DEFAULT_SCORE_RULE):
     return {**_metrics(records, score_rule), **common.by_source(records, _metrics, score_rule=score_rule)}

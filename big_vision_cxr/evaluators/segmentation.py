@@ -17,30 +17,17 @@ masks are decoded with the VQ-VAE given as `vqvae` (path; default the demo one).
   the model predicted none (those images are left out of miou and dice).
 """
 import numpy as np
-from pycocotools import mask as mask_lib
 
-from big_vision_cxr.evaluators import common, detection
+from big_vision_cxr.evaluators import coco
+from big_vision_cxr.evaluators import common
 from big_vision_cxr.registry import EVALUATORS
-
-
-def rle_encode(mask):
-  """Bool [H, W] -> JSON-friendly COCO RLE."""
-  rle = mask_lib.encode(np.asfortranarray(np.asarray(mask, np.uint8)))
-  return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
-
-
-def rle_decode(rle, index):
-  try:
-    return mask_lib.decode({"size": list(rle["size"]), "counts": rle["counts"].encode("ascii")}).astype(bool)
-  except (KeyError, TypeError, AttributeError, ValueError) as e:
-    raise common.EvalError(f"record {index}: a mask is not a COCO RLE {{size, counts}}: {e}.") from e
 
 
 def _with_masks(records, vqvae):
   """Records whose predicted objects all carry mask_rle (decoding seg tokens if needed)."""
   codec, out = None, []
   for i, r in enumerate(records):
-    objs, n_invalid = detection.predicted_objects(r, i, require_seg=True)
+    objs, n_invalid = coco.predicted_objects(r, i, require_seg=True)
     todo = [k for k, o in enumerate(objs) if "mask_rle" not in o]
     if todo:
       if codec is None:
@@ -50,7 +37,7 @@ def _with_masks(records, vqvae):
       masks = codec.decode(seg, np.array([objs[k]["bbox"] for k in todo]), r["height"], r["width"])
       objs = list(objs)
       for k, m in zip(todo, masks):
-        objs[k] = dict(objs[k], mask_rle=rle_encode(m))
+        objs[k] = dict(objs[k], mask_rle=coco.mask_to_rle(m))
     out.append(dict(r, objects=objs, n_invalid=n_invalid))
   return out
 
@@ -58,14 +45,17 @@ def _with_masks(records, vqvae):
 def _union(rles, shape, index):
   m = np.zeros(shape, bool)
   for rle in rles:
-    d = rle_decode(rle, index)
+    try:
+      d = coco.rle_to_mask(rle)
+    except common.EvalError as e:
+      raise common.EvalError(f"record {index}: {e}") from e
     if d.shape != shape:
       raise common.EvalError(f"record {index}: mask of shape {d.shape} on an image of {shape}.")
     m |= d
   return m
 
 
-def _metrics(records, score_rule=detection.DEFAULT_SCORE_RULE):
+def _metrics(records, score_rule=coco.DEFAULT_SCORE_RULE):
   out = {"n_images": float(len(records))}
   n_valid = sum(len(r["objects"]) for r in records)
   n_invalid = sum(int(r.get("n_invalid", 0)) for r in records)
@@ -88,22 +78,18 @@ def _metrics(records, score_rule=detection.DEFAULT_SCORE_RULE):
   out.update(miou=float(np.mean(ious)) if ious else float("nan"),
              dice=float(np.mean(dices)) if dices else float("nan"),
              empty_correct=float(np.mean(empty)) if empty else float("nan"))
-  for rule in detection.score_rules(records, score_rule):
+  for rule in coco.score_rules(records, score_rule):
     images = []
     for i, r in enumerate(records):
       h, w = r["height"], r["width"]
       gt = r["gt"]
-      gts = [dict(label=l, bbox=detection.xywh(b, h, w), segmentation=_coco_rle(m))
+      gts = [dict(label=l, bbox=coco.xywh(b, h, w), segmentation=m)
              for b, l, m in zip(gt["bbox"], gt["label"], gt["mask_rle"])]
-      preds = [dict(label=o["label"], bbox=detection.xywh(o["bbox"], h, w), segmentation=_coco_rle(o["mask_rle"]),
-                    score=detection.score_of(o, rule, i)) for o in r["objects"]]
+      preds = [dict(label=o["label"], bbox=coco.xywh(o["bbox"], h, w), segmentation=o["mask_rle"],
+                    score=coco.score_of(o, rule, i)) for o in r["objects"]]
       images.append(dict(height=h, width=w, gts=gts, preds=preds))
-    out.update({f"{rule}/{k}": v for k, v in detection.coco_ap(images, "segm").items()})
+    out.update({f"{rule}/{k}": v for k, v in coco.coco_ap(images, "segm").items()})
   return out
-
-
-def _coco_rle(rle):
-  return {"size": list(rle["size"]), "counts": rle["counts"].encode("ascii")}
 
 
 @EVALUATORS.register("segmentation")
@@ -123,21 +109,21 @@ class Evaluator(common.Evaluator):
     outs = common.generate(self.predictor, params, batch, gts)
     records = []
     for g, o in zip(gts, outs):
-      objs, n_invalid = detection.objects_with_scores(o, self.predictor.tokenizer)
+      objs, n_invalid = coco.objects_with_scores(o, self.predictor.tokenizer)
       n_invalid += sum(ob["seg_ids"] is None for ob in objs)
       objs = [ob for ob in objs if ob["seg_ids"] is not None]
       h, w = g["height"], g["width"]
       if objs:
         masks = self.seg_codec.decode(np.array([ob["seg_ids"] for ob in objs]), np.array([ob["bbox"] for ob in objs]), h, w)
-        objs = [dict(ob, mask_rle=rle_encode(m)) for ob, m in zip(objs, masks)]
-      gt = detection.gt_boxes(g)
+        objs = [dict(ob, mask_rle=coco.mask_to_rle(m)) for ob, m in zip(objs, masks)]
+      gt = coco.gt_boxes(g)
       gt_masks = (g.get("objects") or {}).get("mask")
-      gt["mask_rle"] = [rle_encode(m > 0) for m in (gt_masks if gt_masks is not None else [])]
+      gt["mask_rle"] = [coco.mask_to_rle(m > 0) for m in (gt_masks if gt_masks is not None else [])]
       records.append(dict(common.base_record(g), height=h, width=w, gt=gt, prediction=o["text"],
                           objects=objs, n_invalid=n_invalid))
     return records
 
   @staticmethod
-  def compute_metrics(records, score_rule=detection.DEFAULT_SCORE_RULE, vqvae=None):
+  def compute_metrics(records, score_rule=coco.DEFAULT_SCORE_RULE, vqvae=None):
     records = _with_masks(records, vqvae)
     return {**_metrics(records, score_rule), **common.by_source(records, _metrics, score_rule=score_rule)}
