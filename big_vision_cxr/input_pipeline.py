@@ -22,9 +22,15 @@ Design (the config shape is in docs/DATA.md):
   {'next_example': g, 'unit_counts': {unit: examples drawn}}.
 - `object_tasks_positives_only=True` keeps (in training only) just the
   detection/segmentation examples with at least one object.
-- Images go through `pp_image` once and are cached in memory (uint8, grey
-  stored once); a trailing `value_range` is applied per batch. Text goes
-  through `tokenize_train(text_len)` (`tokenize_eval` for evaluation).
+- Datasets are read by the source their `source` names (`registry.DATA_SOURCES`).
+- Class names (detect/segment prompts): config.class_names, else those present
+  in the datasets (`class_names(config)`); an explicit `class_names=` argument
+  wins (a stored run evaluated later is prompted exactly as it was trained).
+- Images go through `pp.ops_image.model_input_fn(pp_image, image_size)`, the
+  path inference uses too: all but a trailing `value_range` once per image,
+  cached in memory (uint8, grey stored once), the `value_range` per batch.
+  Training text goes through `tokenize_train(text_len)`; evaluation batches
+  carry no text (evaluators prompt with the ground truths' prefixes).
 """
 import collections
 import dataclasses
@@ -35,22 +41,24 @@ import math
 
 import numpy as np
 
+from big_vision_cxr import errors
 from big_vision_cxr import tokenizer as tokenizer_lib
-from big_vision_cxr.data import curation, images, manifest, phantom, prompts, splits, tbx11k
+from big_vision_cxr.data import curation, phantom, prompts, splits
 from big_vision_cxr.pp import builder, ops_image
+from big_vision_cxr.registry import DATA_SOURCES
 
 TASK_IDS = {t: i for i, t in enumerate(prompts.TASKS)}
 DEFAULTS = dict(
     split="train", split_seed=0, split_fractions=splits.DEFAULT_FRACTIONS, tasks=prompts.TASKS,
     mix_by="task", weights="inverse_size", class_names=None,
-    pp_image="decode|resize(224)|value_range(-1, 1)", text_len=64, seg_from_boxes=False,
+    pp_image=None, text_len=64, seg_from_boxes=False,
     seg_codec=None, cache_images=True, object_tasks_positives_only=False)
 OBJECT_TASKS = ("detection", "segmentation")
 _M64 = (1 << 64) - 1
 _RECORDS = {}
 
 
-class InputError(ValueError):
+class InputError(errors.Error):
   """The input config is invalid or yields no examples; the message says which field."""
 
 
@@ -80,66 +88,56 @@ def _name_hash(name):
 
 
 def load_records(name, cfg):
-  """(records, skips) of one dataset config; cached per (name, config)."""
+  """(records, skips) of one dataset config, read by its source; cached per (name, config)."""
   cfg = _plain(cfg)
   key = (name, json.dumps(cfg, sort_keys=True, default=str))
   if key in _RECORDS:
     return _RECORDS[key]
-  source = cfg.get("source")
-  if source == "phantom":
-    recs = phantom.dataset(cfg.get("n", 500), seed=cfg.get("seed", 0), size=cfg.get("size", 256),
-                           difficulty=cfg.get("difficulty", 0.3))
-    out = (recs, images.Skips(name))
-  elif source == "tbx11k":
-    out = tbx11k.read(cfg["path"], splits=tuple(cfg.get("splits", ("train", "val"))),
-                      lists=cfg.get("lists", "TBX11K"),
-                      categories=tuple(cfg.get("categories", ("tb", "health", "sick"))),
-                      skips=images.Skips(name))
-  elif source == "manifest":
-    kwargs = dict(manifest.NIH_CXR14) if cfg.get("preset") == "nih_cxr14" else {}
-    for k in ("columns", "label_map", "box_units", "root", "source"):
-      if k in cfg:
-        kwargs[k] = cfg[k]
-    kwargs.setdefault("source", name)
-    out = manifest.read(cfg["path"], skips=images.Skips(name), **kwargs)
-  elif source == "tfds":
-    from tfds_builders import cxr_tb  # pylint: disable=import-outside-toplevel
-    out = (cxr_tb.load_records(cfg["name"], data_dir=cfg.get("data_dir"), split=cfg.get("tfds_split")),
-           images.Skips(name))
-  else:
-    raise InputError(f"dataset {name!r}: unknown source {source!r} "
-                     "(phantom | tbx11k | manifest | tfds)")
+  try:
+    source = DATA_SOURCES.get(cfg.get("source"))
+  except KeyError as e:
+    raise InputError(f"dataset {name!r}: {e.args[0]}") from None
+  out = source(name, cfg)
   if len(out[1]):
     logging.warning("dataset %s: %d files skipped: %s", name, len(out[1]), out[1].summary()["items"][:5])
   _RECORDS[key] = out
   return out
 
 
-def _class_names(config, all_records):
-  given = _get(config, "class_names")
-  if given:
-    return tuple(sorted(given))
-  names = sorted({l for recs in all_records for r in recs for l in r.objects.label})
-  return tuple(names) or phantom.CLASS_NAMES
-
-
-def _seg_codec(config, seg_codec):
-  tasks = tuple(_get(config, "tasks"))
-  if "segmentation" not in tasks or seg_codec is not None:
-    return seg_codec
-  path = _get(config, "seg_codec")
-  if not path:
-    raise InputError("tasks include 'segmentation' but no seg_codec was given (argument or "
-                     "config.seg_codec = path to a VQ-VAE .npz)")
-  from big_vision_cxr import seg_codec as seg_codec_lib  # pylint: disable=import-outside-toplevel
-  return seg_codec_lib.from_config(path)
-
-
-def curated_units(config, *, split, seg_codec=None, tasks=None):
-  """OrderedDict {unit name: [curation.Example]} of `split` (see the module doc)."""
+def _datasets(config):
   datasets = _plain(config["datasets"]) if "datasets" in _plain(config) else {}
   if not datasets:
     raise InputError("config.datasets is empty: name at least one dataset")
+  return datasets
+
+
+def class_names(config):
+  """The detect/segment class names of `config`: config.class_names (sorted) if set, else
+  the classes present in its datasets' records (every split), else the phantom's."""
+  given = _get(config, "class_names")
+  if given:
+    return tuple(sorted(given))
+  datasets = _datasets(config)
+  names = sorted({l for name in sorted(datasets) for r in load_records(name, datasets[name])[0]
+                  for l in r.objects.label})
+  return tuple(names) or phantom.CLASS_NAMES
+
+
+def _class_names(config, given):
+  return tuple(sorted(given)) if given else class_names(config)
+
+
+def _seg_codec(config, seg_codec):
+  """`seg_codec`, else config.seg_codec (None: the shipped demo VQ-VAE) when segmenting."""
+  if "segmentation" not in tuple(_get(config, "tasks")) or seg_codec is not None:
+    return seg_codec
+  from big_vision_cxr import seg_codec as seg_codec_lib  # pylint: disable=import-outside-toplevel
+  return seg_codec_lib.from_config(_get(config, "seg_codec"))
+
+
+def curated_units(config, *, split, seg_codec=None, tasks=None, class_names=None):
+  """OrderedDict {unit name: [curation.Example]} of `split` (see the module doc)."""
+  datasets = _datasets(config)
   tasks = tuple(tasks or _get(config, "tasks"))
   unknown = set(tasks) - set(prompts.TASKS)
   if unknown:
@@ -148,7 +146,7 @@ def curated_units(config, *, split, seg_codec=None, tasks=None):
   if mix_by not in ("task", "dataset_task"):
     raise InputError(f"config.mix_by must be 'task' or 'dataset_task', got {mix_by!r}")
   loaded = {name: load_records(name, datasets[name])[0] for name in sorted(datasets)}
-  class_names = _class_names(config, loaded.values())
+  names = _class_names(config, class_names)
   fractions = tuple(_get(config, "split_fractions"))
   units = collections.OrderedDict()
   if mix_by == "task":
@@ -163,7 +161,7 @@ def curated_units(config, *, split, seg_codec=None, tasks=None):
     for rec in recs:
       if rec.split != split:
         continue
-      for ex in curation.curate(rec, class_names=class_names, tasks=tasks, seg_codec=seg_codec,
+      for ex in curation.curate(rec, class_names=names, tasks=tasks, seg_codec=seg_codec,
                                 seg_from_boxes=seg_from_boxes):
         units.setdefault(ex.task if mix_by == "task" else f"{name}/{ex.task}", []).append(ex)
   return units
@@ -197,33 +195,46 @@ def mixture_weights(sizes, weights):
   return {u: w / total for u, w in raw.items() if w > 0}
 
 
-class _Processor:
-  """Image pp with an in-memory cache, and text pp; batches examples."""
+class _Images:
+  """Model inputs of examples (`ops_image.model_input_fn`), first stage cached in memory."""
 
-  def __init__(self, config, tokenizer, train):
-    ops = builder.parse(_get(config, "pp_image"))
-    self.final_range = None
-    if ops and ops[-1][0] == "value_range":
-      self.final_range = ops[-1]
-      ops = ops[:-1]
-    self.image_fn = builder.get_preprocess_fn(ops)
+  def __init__(self, config, image_size):
+    self.model_input = ops_image.model_input_fn(_get(config, "pp_image"), image_size)
+    self.cache = {} if _get(config, "cache_images") else None
+
+  def stored(self, ex):
+    key = (ex.source, ex.image_id)
+    if self.cache is not None and key in self.cache:
+      return self.cache[key]
+    out = self.model_input.stored(ex.image)
+    if self.cache is not None:
+      self.cache[key] = out
+    return out
+
+  def batch(self, exs):
+    """float32 [B, size, size, 3]."""
+    return self.model_input.finish(np.stack([self.stored(ex) for ex in exs]))
+
+
+class _Processor:
+  """Training batches: images and `tokenize_train` text, both cached per example."""
+
+  def __init__(self, config, tokenizer, image_size):
+    self.images = _Images(config, image_size)
     text_len = _get(config, "text_len")
-    op = "tokenize_train" if train else "tokenize_eval"
-    self.text_fn = builder.get_preprocess_fn(f"{op}({text_len})", tokenizer=tokenizer)
+    self.text_fn = builder.get_preprocess_fn(f"tokenize_train({text_len})", tokenizer=tokenizer)
     self.text_len = text_len
     self.truncated = collections.Counter()  # per task, counted once per example when cached
-    self.cache = {} if _get(config, "cache_images") else None
-    self.text_cache = {} if self.cache is not None else None
-    self.train = train
+    self.text_cache = {} if _get(config, "cache_images") else None
 
   def text(self, ex):
-    """(text, mask_ar, mask_loss or mask_input) of one example (cached per example)."""
+    """(text, mask_ar, mask_loss) of one example."""
     key = id(ex)
     if self.text_cache is not None and key in self.text_cache:
       return self.text_cache[key]
-    out = self.text_fn({"prefix": ex.prefix, "suffix": ex.suffix if self.train else ""})
-    out = (out["text"], out["mask_ar"], out["mask_loss" if self.train else "mask_input"])
-    if self.train and out[0][-1] not in (tokenizer_lib.PAD_ID, tokenizer_lib.EOS_ID):
+    out = self.text_fn({"prefix": ex.prefix, "suffix": ex.suffix})
+    out = (out["text"], out["mask_ar"], out["mask_loss"])
+    if out[0][-1] not in (tokenizer_lib.PAD_ID, tokenizer_lib.EOS_ID):
       self.truncated[ex.task] += 1  # the suffix ran past text_len + 1: EOS (and more) cut
       if self.truncated[ex.task] == 1:
         logging.warning("text_len=%d truncates %s examples (first: %r); raise text_len",
@@ -233,31 +244,9 @@ class _Processor:
     return out
 
   def batch(self, exs):
-    """The image and text arrays of a list of examples."""
     texts = [self.text(e) for e in exs]
-    third = "mask_loss" if self.train else "mask_input"
-    return {"image": self.images(exs), "text": np.stack([t[0] for t in texts]),
-            "mask_ar": np.stack([t[1] for t in texts]), third: np.stack([t[2] for t in texts])}
-
-  def image(self, ex):
-    key = (ex.source, ex.image_id)
-    if self.cache is not None and key in self.cache:
-      return self.cache[key]
-    out = np.asarray(self.image_fn({"image": ex.image})["image"])
-    if out.ndim == 3 and out.strides[-1] == 0:
-      out = np.ascontiguousarray(out[..., :1])  # grey: keep one channel
-    if self.cache is not None:
-      self.cache[key] = out
-    return out
-
-  def images(self, exs):
-    batch = np.stack([self.image(ex) for ex in exs])
-    if batch.ndim == 4 and batch.shape[-1] == 1:
-      batch = np.broadcast_to(batch, (*batch.shape[:3], 3))
-    if self.final_range is not None:
-      _, args, kwargs = self.final_range
-      return ops_image.value_range(batch, *args, **kwargs)
-    return batch
+    return {"image": self.images.batch(exs), "text": np.stack([t[0] for t in texts]),
+            "mask_ar": np.stack([t[1] for t in texts]), "mask_loss": np.stack([t[2] for t in texts])}
 
 
 class TrainIterator:
@@ -333,43 +322,52 @@ def positives_only(units):
 
 
 def training(config, *, batch_size, seed, tokenizer, process_index=0, process_count=1,
-             seg_codec=None):
-  """The training iterator of `config` (an ml_collections ConfigDict or dict)."""
+             seg_codec=None, class_names=None, image_size=None):
+  """The training iterator of `config` (an ml_collections ConfigDict or dict).
+
+  seg_codec: the VQ-VAE codec (default: from config.seg_codec, None = the demo one).
+  class_names: override `class_names(config)`. image_size: the model's, checked
+  against pp_image's output (None: not checked; the default pp then gives 224).
+  """
   seg_codec = _seg_codec(config, seg_codec)
-  units = curated_units(config, split=_get(config, "split"), seg_codec=seg_codec)
+  units = curated_units(config, split=_get(config, "split"), seg_codec=seg_codec,
+                        class_names=class_names)
   if _get(config, "object_tasks_positives_only"):
     units = positives_only(units)
   probs = mixture_weights({u: len(v) for u, v in units.items()}, _get(config, "weights"))
   logging.info("mixture: %s", {u: (len(units[u]), round(p, 4)) for u, p in probs.items()})
-  return TrainIterator(units, probs, _Processor(config, tokenizer, train=True),
+  return TrainIterator(units, probs, _Processor(config, tokenizer, image_size),
                        batch_size=batch_size, seed=seed, process_index=process_index,
                        process_count=process_count)
 
 
-def evaluation(config, *, task, split, batch_size, tokenizer, seg_codec=None, process_index=0,
-               process_count=1):
+def evaluation(config, *, task, split, batch_size, tokenizer=None, seg_codec=None, process_index=0,
+               process_count=1, class_names=None, image_size=None):
   """Yields (batch, ground_truths) over every `task` example of `split`, in order.
 
-  The batch holds 'image', eval-layout 'text', 'mask_ar', 'mask_input' (prefix
-  only) and 'valid' [B] bool. Process p takes examples p, p + P, ...; every
-  process yields the same number of batches (multi-host jit needs it), padded
-  by repeating an example with valid=False; `ground_truths` lists only the
-  valid rows, which come first.
+  The batch holds 'image' [B, size, size, 3] f32 and 'valid' [B] bool; evaluators
+  prompt with the ground truths' prefixes (`tokenizer` is not used). Process p
+  takes examples p, p + P, ...; every process yields the same number of batches
+  (multi-host jit needs it), padded by repeating an example with valid=False;
+  `ground_truths` lists only the valid rows, which come first. seg_codec,
+  class_names, image_size: as in `training`.
   """
+  del tokenizer  # evaluation batches carry no text
   if task not in prompts.TASKS:
     raise InputError(f"unknown task {task!r}; known: {prompts.TASKS}")
   seg_codec = _seg_codec(dict(_plain(config), tasks=(task,)), seg_codec)
-  units = curated_units(config, split=split, seg_codec=seg_codec, tasks=(task,))
+  units = curated_units(config, split=split, seg_codec=seg_codec, tasks=(task,),
+                        class_names=class_names)
   everything = [ex for unit in units.values() for ex in unit]
   if not everything:
     logging.warning("evaluation: no %s examples in split %r", task, split)
     return
   exs = everything[process_index::process_count]
   n_batches = math.ceil(math.ceil(len(everything) / process_count) / batch_size)
-  processor = _Processor(config, tokenizer, train=False)
+  images = _Images(config, image_size)
   for b in range(n_batches):
     chunk = exs[b * batch_size:(b + 1) * batch_size]
     valid = np.arange(batch_size) < len(chunk)
     chunk = chunk + [(chunk or everything)[-1]] * (batch_size - len(chunk))
-    yield ({**processor.batch(chunk), "valid": valid},
+    yield ({"image": images.batch(chunk), "valid": valid},
            [e.ground_truth() for e, v in zip(chunk, valid) if v])

@@ -41,7 +41,12 @@ class Registry:
     return sorted(self._entries)
 
 
-DATA_SOURCES = Registry("data source", modules=())  # filled by big_vision_cxr/data/ modules
+DATA_SOURCES = Registry("data source", modules=(
+    "big_vision_cxr.data.phantom",
+    "big_vision_cxr.data.tbx11k",
+    "big_vision_cxr.data.manifest",
+    "big_vision_cxr.data.tfds_source",
+))
 PP_OPS = Registry("preprocessing op", modules=(
     "big_vision_cxr.pp.ops_image",
     "big_vision_cxr.pp.ops_text",

@@ -126,3 +126,29 @@ def test_paths_stay_inside_the_root(tmp_path):
       images.safe_path(root, bad)
   (root / "link.png").symlink_to(outside)  # placed by the dataset's owner: trusted
   assert images.read_image("link.png", root=root).shape == (4, 4)
+
+
+def test_read_radiograph_checks_the_size_from_the_header_first(tmp_path, ramp, monkeypatch):
+  Image.fromarray(np.zeros((40, 50), np.uint8)).save(tmp_path / "ok.png")
+  write_dicom(tmp_path / "ok.dcm", ramp)
+  np.testing.assert_array_equal(images.read_radiograph(tmp_path / "ok.png"), images.read_image(tmp_path / "ok.png"))
+  np.testing.assert_array_equal(images.read_radiograph(tmp_path / "ok.dcm"), images.read_image(tmp_path / "ok.dcm"))
+  Image.fromarray(np.zeros((20, 300), np.uint8)).save(tmp_path / "thin.png")
+  with pytest.raises(images.ImageError, match=r"thin.png: 300x20 is smaller than 32 pixels on a side"):
+    images.read_radiograph(tmp_path / "thin.png")
+  assert images.read_image(tmp_path / "thin.png").shape == (20, 300)  # data readers take any size
+  monkeypatch.setattr(images, "MAX_PIXELS", 1000)
+  monkeypatch.setattr(images, "read_image", lambda path: pytest.fail(f"decoded {path}"))
+  with pytest.raises(images.ImageError, match=r"ok.png: 50x40 is over the limit of 1000 pixels"):
+    images.read_radiograph(tmp_path / "ok.png")
+  with pytest.raises(images.ImageError, match=r"ok.dcm: 32x64 is over the limit of 1000 pixels"):
+    images.read_radiograph(tmp_path / "ok.dcm")
+
+
+def test_read_radiograph_errors_name_the_file(tmp_path):
+  (tmp_path / "text.png").write_text("not an image")
+  with pytest.raises(images.ImageError, match="text.png: not a readable image"):
+    images.read_radiograph(tmp_path / "text.png")
+  with pytest.raises(images.DataPathError, match="gone.png"):
+    images.read_radiograph(tmp_path / "gone.png")
+  assert images.MAX_PIXELS == 64_000_000 and images.MIN_SIDE == 32

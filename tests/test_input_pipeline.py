@@ -9,7 +9,7 @@ from scipy import stats
 
 from big_vision_cxr import input_pipeline as ip
 from big_vision_cxr.data import prompts
-from big_vision_cxr.pp import ops_text
+from big_vision_cxr.pp import builder, ops_image, ops_text
 
 TASKS = ("diagnosis", "vqa", "report", "detection")
 
@@ -113,16 +113,19 @@ def test_hosts_split_the_global_sequence(tok):
   assert hosts[0].get_state() == hosts[1].get_state() == single.get_state()
 
 
-def test_evaluation_covers_each_example_once(tok):
+def test_evaluation_covers_each_example_once():
   cfg = config()
   units = ip.curated_units(cfg, split="val", tasks=("vqa",))
-  batches = list(ip.evaluation(cfg, task="vqa", split="val", batch_size=16, tokenizer=tok))
+  batches = list(ip.evaluation(cfg, task="vqa", split="val", batch_size=16))
   gts = [g for _, gt in batches for g in gt]
   assert len(gts) == len(units["vqa"]) and sum(b["valid"].sum() for b, _ in batches) == len(gts)
   assert [(g["image_id"], g["prefix"]) for g in gts] == [(e.image_id, e.prefix) for e in units["vqa"]]
   assert all(g["question_type"] in ("closed", "open") for g in gts)
   b, _ = batches[0]
-  assert b["text"].shape == (16, 40) and set(b) == {"image", "text", "mask_ar", "mask_input", "valid"}
+  assert set(b) == {"image", "valid"} and b["image"].shape == (16, 32, 32, 3)
+  model_input = ops_image.model_input_fn(cfg["pp_image"], 32)  # what inference does
+  for image, ex in zip(b["image"], units["vqa"]):
+    assert np.ascontiguousarray(image).tobytes() == model_input(ex.image).tobytes()
 
 
 def test_object_tasks_positives_only_filters_training_not_evaluation(tok):
@@ -135,16 +138,51 @@ def test_object_tasks_positives_only_filters_training_not_evaluation(tok):
   assert all(len(e.objects.bbox) for e in it.units["detection"])
   assert [len(it.units[t]) for t in ("diagnosis", "vqa", "report")] == [
       len(full[t]) for t in ("diagnosis", "vqa", "report")]
-  gts = [g for _, gt in ip.evaluation(cfg, task="detection", split="train", batch_size=64,
-                                      tokenizer=tok) for g in gt]
+  gts = [g for _, gt in ip.evaluation(cfg, task="detection", split="train", batch_size=64) for g in gt]
   assert len(gts) == len(full["detection"])  # evaluation keeps the normals
 
 
 def test_config_errors(tok):
-  with pytest.raises(ip.InputError, match="unknown source 'nope'"):
+  with pytest.raises(ip.InputError, match="dataset 'x': Unknown data source 'nope'; known: manifest, "
+                                          "phantom, tbx11k, tfds"):
     ip.training(config(datasets={"x": dict(source="nope")}), batch_size=2, seed=0, tokenizer=tok)
-  with pytest.raises(ip.InputError, match="segmentation"):
-    ip.training(config(tasks=prompts.TASKS), batch_size=2, seed=0, tokenizer=tok)
+  with pytest.raises(builder.PPError, match=r"gives images of shape \(32, 32, 1\).*\(64, 64, 3\)"):
+    next(ip.training(config(), batch_size=2, seed=0, tokenizer=tok, image_size=64))
+
+
+def test_data_sources_registry_and_no_tfds_builders_import():
+  import pathlib
+  import re
+  import subprocess
+  import sys
+  code = ("import sys; from big_vision_cxr import input_pipeline; "
+          "from big_vision_cxr.registry import DATA_SOURCES; print(DATA_SOURCES.names()); "
+          "print(sorted(m for m in ('tfds_builders', 'tensorflow_datasets') if m in sys.modules))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+  assert out.split("\n")[:2] == ["['manifest', 'phantom', 'tbx11k', 'tfds']", "[]"]
+  package = pathlib.Path(ip.__file__).parent
+  assert not [p for p in package.rglob("*.py")
+              if re.search(r"^\s*(from|import) tfds_builders", p.read_text(), re.M)]
+
+
+def test_class_names_from_the_data_config_or_argument(tok):
+  assert ip.class_names(config()) == ("active tb", "latent tb")
+  assert ip.class_names(config(class_names=["uncertain tb", "active tb"])) == ("active tb", "uncertain tb")
+  names = ("uncertain tb", "latent tb", "active tb")
+  gts = [g for _, gt in ip.evaluation(config(), task="detection", split="val", batch_size=8,
+                                      class_names=names) for g in gt]
+  assert {g["prefix"] for g in gts} == {"detect active tb ; latent tb ; uncertain tb"}
+  it = ip.training(config(tasks=("detection",)), batch_size=2, seed=0, tokenizer=tok, class_names=names)
+  assert {e.prefix for e in it.units["detection"]} == {"detect active tb ; latent tb ; uncertain tb"}
+
+
+def test_seg_codec_none_is_the_demo_vqvae(monkeypatch):
+  from big_vision_cxr import seg_codec
+  asked = []
+  monkeypatch.setattr(seg_codec, "from_config", lambda cfg: asked.append(cfg) or _random_codec())
+  cfg = config(tasks=("segmentation",), text_len=112, seg_codec=None)
+  assert next(ip.evaluation(cfg, task="segmentation", split="val", batch_size=2), None) is not None
+  assert asked == [None] and seg_codec.npz_path(None) == seg_codec.DEMO_VQVAE
 
 
 def test_real_tbx11k_and_nih_mix(tok, tbx11k_dir, nih_dir, tmp_path):
@@ -190,15 +228,20 @@ def test_truncation_is_counted_and_logged(tok, caplog):
   assert cut.any() and np.all(batch["mask_loss"][cut, -1] == 1)  # cut plainly, EOS lost
 
 
-def test_segmentation_through_the_vqvae_codec(tok):
+def _random_codec():
   import jax
-  from big_vision_cxr import loc_codec, seg_codec
+  from big_vision_cxr import seg_codec
   from big_vision_cxr.models import vqvae
   model = vqvae.Model(vqvae.Config())  # random weights from the shapes: no init compile
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), np.zeros((1, 64, 64), np.float32))["params"]
   rng = np.random.default_rng(0)
-  codec = seg_codec.SegCodec(model, jax.tree.map(
+  return seg_codec.SegCodec(model, jax.tree.map(
       lambda s: (rng.standard_normal(s.shape) * 0.1).astype(s.dtype), shapes))
+
+
+def test_segmentation_through_the_vqvae_codec(tok):
+  from big_vision_cxr import loc_codec
+  codec = _random_codec()
   cfg = config(tasks=("segmentation",), text_len=112)
   units = ip.curated_units(cfg, split="train", seg_codec=codec)
   exs = units["segmentation"]
@@ -213,15 +256,15 @@ def test_segmentation_through_the_vqvae_codec(tok):
   assert set(batch["task_id"]) == {prompts.TASKS.index("segmentation")}
 
 
-def test_evaluation_hosts_get_equal_batch_counts(tok):
+def test_evaluation_hosts_get_equal_batch_counts():
   cfg = config()
-  whole = [g for _, gts in ip.evaluation(cfg, task="diagnosis", split="val", batch_size=4, tokenizer=tok)
+  whole = [g for _, gts in ip.evaluation(cfg, task="diagnosis", split="val", batch_size=4)
            for g in gts]
-  hosts = [list(ip.evaluation(cfg, task="diagnosis", split="val", batch_size=4, tokenizer=tok,
+  hosts = [list(ip.evaluation(cfg, task="diagnosis", split="val", batch_size=4,
                               process_index=p, process_count=3)) for p in range(3)]
   assert len({len(h) for h in hosts}) == 1  # same number of batches on every host
   ids = sorted(g["image_id"] for h in hosts for _, gts in h for g in gts)
   assert ids == sorted(g["image_id"] for g in whole) and len(whole) % 3 != 0
   for h in hosts:
     for batch, gts in h:
-      assert batch["valid"].sum() == len(gts) and batch["text"].shape[0] == 4
+      assert batch["valid"].sum() == len(gts) and batch["image"].shape[0] == 4

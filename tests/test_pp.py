@@ -23,7 +23,7 @@ def test_parse_literals_and_errors():
     builder.get_preprocess_fn("decode|nope(1)")
   with pytest.raises(builder.PPError, match="resize"):
     builder.get_preprocess_fn("resize(1, 2, 3, 4, 5, 6)")
-  assert {"decode", "resize", "value_range", "tokenize_train", "tokenize_eval", "keep"} <= set(PP_OPS.names())
+  assert {"decode", "resize", "value_range", "tokenize_train"} <= set(PP_OPS.names())
 
 
 def test_image_ops_match_tf_semantics():
@@ -57,13 +57,49 @@ def test_tokenize_train_layout(tok):
   assert np.all(text[n:] == 0)
 
 
-def test_tokenize_truncates_plainly_and_eval_variant(tok):
+def test_tokenize_truncates_plainly_and_layout_pads(tok):
   out = builder.get_preprocess_fn("tokenize_train(6)", tokenizer=tok)(
       {"prefix": "caption en", "suffix": "the lungs are clear. no evidence of tuberculosis."})
   assert out["text"].shape == (7,) and tok.eos_id not in out["text"]
-  ev = builder.get_preprocess_fn("tokenize_eval(12)", tokenizer=tok)({"prefix": "caption en", "suffix": ""})
-  k = 1 + len(tok.encode("caption en")) + 1
-  assert ev["text"].shape == (12,) and ev["text"][k - 1] == tok.sep_id and np.all(ev["text"][k:] == 0)
-  np.testing.assert_array_equal(ev["mask_input"], [1] * k + [0] * (12 - k))
-  np.testing.assert_array_equal(ev["mask_ar"], [0] * k + [1] * (12 - k))
-  assert "mask_loss" not in ev
+  prefix = (tok.bos_id, *tok.encode("caption en"))
+  text, mask_ar, mask = ops_text.layout(prefix, tok.sep_id, (), 12)
+  k = len(prefix) + 1
+  assert text.shape == (12,) and text[k - 1] == tok.sep_id and np.all(text[k:] == 0)
+  np.testing.assert_array_equal(mask_ar, [0] * k + [1] * (12 - k))
+  np.testing.assert_array_equal(mask, [0] * 12)
+
+
+def _grey(seed=0, shape=(90, 70)):
+  return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def test_model_input_default_is_decode_resize_value_range():
+  image = _grey()
+  want = ops_image.value_range(ops_image.resize(ops_image.to_rgb(image), 48), -1.0, 1.0)
+  got = ops_image.model_input_fn(None, 48)(image)
+  assert got.shape == (48, 48, 3) and got.dtype == np.float32 and got.tobytes() == want.tobytes()
+  assert ops_image.model_input_fn("", 48)(image).tobytes() == want.tobytes()
+  assert ops_image.model_input_fn(None).pp_image == "decode|resize(224)|value_range(-1, 1)"
+  explicit = builder.get_preprocess_fn("decode|resize(48)|value_range(-1, 1)")({"image": image})["image"]
+  assert explicit.tobytes() == want.tobytes()
+
+
+def test_model_input_stages_cache_grey_once_and_batch_like_one_image():
+  fn = ops_image.model_input_fn("decode|resize(32, antialias=True)|value_range(0, 1)", 32)
+  images = [_grey(i) for i in range(3)]
+  stored = [fn.stored(im) for im in images]
+  assert all(s.shape == (32, 32, 1) and s.dtype == np.uint8 for s in stored)
+  batch = fn.finish(np.stack(stored))
+  assert batch.shape == (3, 32, 32, 3) and batch.min() >= 0 and batch.max() <= 1
+  for im, row in zip(images, batch):
+    assert fn(im).tobytes() == np.ascontiguousarray(row).tobytes()
+  no_range = ops_image.model_input_fn("decode|resize(32)", 32)(images[0])
+  assert no_range.dtype == np.float32 and no_range.max() > 1  # cast, not rescaled
+
+
+def test_model_input_refuses_the_wrong_shape():
+  with pytest.raises(builder.PPError, match=r"\(64, 64, 3\)"):
+    ops_image.model_input_fn("decode|resize(32)|value_range(-1, 1)", 64)(_grey())
+  with pytest.raises(builder.PPError, match="shape"):
+    ops_image.model_input_fn("value_range(-1, 1)", None)(_grey())  # [H, W]: no channels
+  assert ops_image.model_input_fn("decode|resize(16)", None)(_grey()).shape == (16, 16, 3)

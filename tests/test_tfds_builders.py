@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 tfds = pytest.importorskip("tensorflow_datasets")
-from big_vision_cxr.data import phantom, records  # pylint: disable=g-import-not-at-top
+from big_vision_cxr.data import phantom, records, tfds_source  # pylint: disable=g-import-not-at-top
 from tfds_builders import cxr_tb  # pylint: disable=g-import-not-at-top
 
 
@@ -52,7 +52,7 @@ def test_phantom_build_reads_back_equal_elsewhere(phantom_built):
 
 
 def test_phantom_examples_round_trip_to_records(phantom_built):
-  recs = cxr_tb.load_records(phantom_built.data_dir)
+  recs = tfds_source.read(phantom_built.data_dir)
   assert len(recs) == 48
   originals = {r.image_id: r for r in phantom.dataset(48, size=64)}
   patients = {}

@@ -21,7 +21,8 @@ report ('' when none), qa (question, answer, type), findings (JSON).
 Skipped inputs (corrupt image, DICOM without pixels, box outside the image,
 missing file) are logged with the file name and recorded with their count in
 the dataset metadata (`info.metadata['skipped']`): never a crash mid-build,
-never a silent loss.
+never a silent loss. `big_vision_cxr.data.tfds_source` reads a built dataset
+back into source records.
 """
 import dataclasses
 import json
@@ -135,40 +136,3 @@ def record_to_example(rec):
       "qa": [dict(q) for q in rec.qa],
       "findings": json.dumps(rec.meta.get("findings", {}), sort_keys=True),
   }
-
-
-def _str(v):
-  return v.decode() if isinstance(v, bytes) else str(v)
-
-
-def example_to_record(ex, split=None):
-  """A decoded TFDS example (numpy) -> SourceRecord."""
-  objs = ex["objects"]
-  n = len(objs["label"])
-  opt = lambda values: [(_str(v) or None) for v in values]
-  mask = np.stack([m[..., 0] for m in objs["mask"]]).astype(np.uint8) if ex["masks_known"] and n else (
-      np.zeros((0, *ex["image"].shape[:2]), np.uint8) if ex["masks_known"] else None)
-  return records.validate(records.SourceRecord(
-      image_id=_str(ex["image_id"]), patient_id=_str(ex["patient_id"]), source=_str(ex["source"]),
-      image=np.asarray(ex["image"][..., 0], np.uint8), label=records.LABELS[int(ex["label"])],
-      objects=records.Objects(
-          bbox=np.asarray(objs["bbox"], np.float32).reshape(-1, 4),
-          label=[records.CLASS_NAMES[int(l)] for l in objs["label"]], mask=mask,
-          lung=opt(objs["lung"]), zone=opt(objs["zone"]), kind=opt(objs["kind"])),
-      report=_str(ex["report"]) or None,
-      qa=[dict(question=_str(q), answer=_str(a), type=_str(t))
-          for q, a, t in zip(ex["qa"]["question"], ex["qa"]["answer"], ex["qa"]["type"])],
-      split=split, meta=dict(findings=json.loads(_str(ex["findings"])))))
-
-
-def load_records(name, data_dir=None, split=None):
-  """Every example of a built `cxr_tb/<config>` (or a dataset directory) as records."""
-  path = pathlib.Path(name)
-  builder = (tfds.builder_from_directory(str(path)) if path.is_dir()
-             else tfds.builder(name, data_dir=data_dir))
-  out = []
-  for s in ([split] if split else list(builder.info.splits)):
-    for ex in tfds.as_numpy(builder.as_dataset(split=s, shuffle_files=False)):
-      out.append(example_to_record(ex, split=s))
-  return out
-

@@ -16,11 +16,12 @@ import dataclasses
 
 import numpy as np
 
+from big_vision_cxr import errors
 from big_vision_cxr import loc_codec
 from big_vision_cxr.data import prompts, records
 
 
-class CurationError(ValueError):
+class CurationError(errors.Error):
   """A record cannot be curated as asked; the message names the image."""
 
 

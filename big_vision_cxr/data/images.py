@@ -7,8 +7,11 @@
   neither, and for 16-bit PNG/TIFF, the image's own min..max is stretched to
   0..255. MONOCHROME1 is inverted after that, so bright always means dense.
 - Errors name the file: `ImageError` for unreadable/unsupported content (no
-  pixel data, compressed DICOM without a decoder, multi-frame, corrupt PNG),
-  `DataPathError` for a path escaping the dataset root, missing, or too big.
+  pixel data, compressed DICOM without a decoder, multi-frame, corrupt PNG, over
+  MAX_PIXELS), `DataPathError` for a path escaping the dataset root, missing, or
+  too big.
+- `read_radiograph` (inference) also refuses, from the header before decoding,
+  images under MIN_SIDE pixels a side.
 """
 import concurrent.futures
 import logging
@@ -18,16 +21,19 @@ import pathlib
 import numpy as np
 from PIL import Image
 
+from big_vision_cxr import errors
+
 MAX_BYTES = 256 << 20  # refuse files larger than this
-MAX_PIXELS = 16384 * 16384
+MAX_PIXELS = 64_000_000  # ~8000 x 8000, well above any radiograph; refused before decoding
+MIN_SIDE = 32  # pixels; a smaller image holds no usable radiograph (read_radiograph)
 DICOM_SUFFIXES = (".dcm", ".dicom")
 
 
-class ImageError(ValueError):
+class ImageError(errors.Error):
   """An image file cannot be read as a radiograph; the message names the file."""
 
 
-class DataPathError(ValueError):
+class DataPathError(errors.Error):
   """A path read from a data file is unsafe, missing or too large."""
 
 
@@ -126,13 +132,22 @@ def _grey(arr, path):
   raise ImageError(f"{path}: unsupported pixel layout {arr.shape}")
 
 
+def check_size(path, height, width, min_side=0):
+  """Refuses an image of more than MAX_PIXELS or under `min_side` pixels a side."""
+  if height * width > MAX_PIXELS:
+    raise ImageError(f"{path}: {width}x{height} is over the limit of {MAX_PIXELS} pixels "
+                     f"(images.MAX_PIXELS); downscale it first")
+  if min(height, width) < min_side:
+    raise ImageError(f"{path}: {width}x{height} is smaller than {min_side} pixels on a side: "
+                     f"not a radiograph")
+
+
 def read_pil(source, name=None):
   """PIL-readable file or file object -> uint8 [H, W]; errors name `name` or the file."""
   path = name or source
   try:
     with Image.open(source) as im:
-      if im.width * im.height > MAX_PIXELS:
-        raise ImageError(f"{path}: {im.width}x{im.height} is over {MAX_PIXELS} pixels")
+      check_size(path, im.height, im.width)
       if getattr(im, "n_frames", 1) > 1:
         raise ImageError(f"{path}: multi-frame images are not supported")
       if im.mode in ("P", "PA", "LA"):
@@ -174,9 +189,7 @@ def _read_dicom(path):
     raise ImageError(f"{path}: DICOM has no pixel data (PixelData element missing)")
   if int(ds.get("NumberOfFrames", 1) or 1) > 1:
     raise ImageError(f"{path}: multi-frame DICOM ({ds.NumberOfFrames} frames) is not supported")
-  rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
-  if rows * cols > MAX_PIXELS:
-    raise ImageError(f"{path}: {cols}x{rows} is over {MAX_PIXELS} pixels")
+  check_size(path, int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0))
   try:
     arr = ds.pixel_array
   except Exception as e:  # missing decoder for a compressed transfer syntax, truncated data...
@@ -223,11 +236,16 @@ def image_shape(path, *, root=None):
     if is_dicom(path):
       import pydicom  # pylint: disable=import-outside-toplevel
       ds = pydicom.dcmread(path, stop_before_pixels=True)
-      return int(ds.Rows), int(ds.Columns)
+      shape = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+      if not all(shape):
+        raise ImageError(f"{path}: the DICOM header has no Rows/Columns: no image in it")
+      return shape
     with Image.open(path) as im:
       return im.height, im.width
+  except ImageError:
+    raise
   except Exception as e:  # unreadable header: same error type as read_image
-    raise ImageError(f"{path}: cannot read the image header: {type(e).__name__}: {e}") from e
+    raise ImageError(f"{path}: not a readable image (header): {type(e).__name__}: {e}") from e
 
 
 def read_image(path, *, root=None, max_bytes=MAX_BYTES):
@@ -242,3 +260,15 @@ def read_image(path, *, root=None, max_bytes=MAX_BYTES):
   if image.ndim != 2 or min(image.shape) < 1:
     raise ImageError(f"{path}: empty image {image.shape}")
   return np.ascontiguousarray(image)
+
+
+def read_radiograph(path):
+  """An image to run a model on, uint8 [H, W]. Its size (MIN_SIDE a side .. MAX_PIXELS)
+  is checked from the header before decoding; errors name the file."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise DataPathError(f"file not found: {path}")
+  check_size(path, *image_shape(path), min_side=MIN_SIDE)
+  image = read_image(path)
+  check_size(path, *image.shape, min_side=MIN_SIDE)
+  return image

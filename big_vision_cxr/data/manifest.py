@@ -18,8 +18,13 @@ In CSV the JSON fields are JSON strings; in JSONL they may be JSON values.
 Bad rows raise `ManifestError` naming file, line and field, or with
 on_error='skip' are logged and counted in `skips`.
 
-`NIH_CXR14` maps /work/shared/data/nih_cxr14_nofinding_pa/manifest.csv:
+Files are read as UTF-8, with or without the byte-order mark Excel writes.
+
+`NIH_CXR14` maps the NIH ChestX-ray14 normals' manifest.csv:
     manifest.read(path, **manifest.NIH_CXR14)
+
+`image_paths(path)` reads an inference manifest: only the image column (`image`,
+`path` or `image_path`), with the same path rules.
 """
 import csv
 import json
@@ -28,7 +33,9 @@ import pathlib
 import numpy as np
 from scipy import ndimage
 
+from big_vision_cxr import errors
 from big_vision_cxr.data import images, records
+from big_vision_cxr.registry import DATA_SOURCES
 
 FIELDS = ("image", "patient_id", "label", "image_id", "split", "report", "boxes", "masks", "qa")
 REQUIRED = ("image", "patient_id", "label")
@@ -36,21 +43,30 @@ NIH_CXR14 = dict(columns={"label": "finding_labels"}, label_map={"No Finding": "
                  source="nih_cxr14")
 MAX_MANIFEST_BYTES = 512 << 20
 MAX_FIELD_CHARS = 1 << 20
+IMAGE_KEYS = ("image", "path", "image_path")  # image_paths: the first one present
 
 
-class ManifestError(ValueError):
+class ManifestError(errors.Error):
   """A manifest or one of its rows is malformed; the message names file, line and field."""
 
 
 def _rows(path):
-  """(line_number, dict) per row of a CSV or JSONL file."""
+  """(line number, dict or a bad JSONL line's ManifestError) per row of a CSV, TSV or JSONL."""
   path = pathlib.Path(path)
   if not path.is_file():
     raise ManifestError(f"manifest not found: {path}")
   if path.stat().st_size > MAX_MANIFEST_BYTES:
     raise ManifestError(f"{path}: over {MAX_MANIFEST_BYTES} bytes")
-  if path.suffix.lower() in (".jsonl", ".json"):
-    with open(path, encoding="utf-8") as f:
+  suffix = path.suffix.lower()
+  if suffix not in (".jsonl", ".json", ".csv", ".tsv"):
+    raise ManifestError(f"{path}: manifest must be .csv, .tsv or .jsonl")
+  try:
+    with open(path, encoding="utf-8-sig", newline="") as f:
+      if suffix in (".csv", ".tsv"):
+        reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+        for row in reader:
+          yield reader.line_num, row
+        return
       for i, line in enumerate(f, 1):
         if line.strip():
           try:
@@ -59,13 +75,8 @@ def _rows(path):
             yield i, ManifestError(f"{path}:{i}: invalid JSON ({e})")
             continue
           yield i, row if isinstance(row, dict) else ManifestError(f"{path}:{i}: not a JSON object")
-  elif path.suffix.lower() in (".csv", ".tsv"):
-    with open(path, encoding="utf-8", newline="") as f:
-      reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-      for i, row in enumerate(reader, 2):
-        yield i, row
-  else:
-    raise ManifestError(f"{path}: manifest must be .csv, .tsv or .jsonl")
+  except UnicodeDecodeError as e:
+    raise ManifestError(f"{path}: not UTF-8 text ({e})") from e
 
 
 def _json_field(value, where):
@@ -181,3 +192,41 @@ def read(path, *, root=None, columns=None, label_map=None, box_units="pixels", s
                       (ManifestError, images.ImageError, images.DataPathError, records.RecordError),
                       on_error)
   return out, skips
+
+
+def image_paths(path):
+  """The images an inference manifest (CSV, TSV or JSONL) lists, in row order.
+
+  Each row names its image under the first of IMAGE_KEYS present; paths are
+  relative to the manifest's folder and may not leave it. A missing file is
+  not an error here (the caller reports it when reading).
+  """
+  path = pathlib.Path(path)
+  out = []
+  for line, row in _rows(path):
+    if isinstance(row, ManifestError):
+      raise row
+    key = next((k for k in IMAGE_KEYS if k in row), None)
+    if key is None:
+      raise ManifestError(f"{path}:{line}: needs one of the columns/keys {IMAGE_KEYS}, "
+                          f"has {sorted(map(str, row))}")
+    value = row[key]
+    if not isinstance(value, str) or not value.strip():
+      raise ManifestError(f"{path}:{line}: {key} {value!r} is not an image path")
+    try:
+      out.append(images.safe_path(path.parent, value, must_exist=False))
+    except images.DataPathError as e:
+      raise ManifestError(f"{path}:{line}: {key} {value!r}: {e}") from e
+  return out
+
+
+@DATA_SOURCES.register("manifest")
+def from_config(name, cfg):
+  """(records, skips) of dict(source='manifest', path=..., preset='nih_cxr14'?, and
+  `read`'s columns, label_map, box_units, root, source (default: the dataset name))."""
+  kwargs = dict(NIH_CXR14) if cfg.get("preset") == "nih_cxr14" else {}
+  for k in ("columns", "label_map", "box_units", "root", "source"):
+    if k in cfg:
+      kwargs[k] = cfg[k]
+  kwargs.setdefault("source", name)
+  return read(cfg["path"], skips=images.Skips(name), **kwargs)

@@ -21,7 +21,8 @@ their contrast and adds noise; 0 is easy enough for a tiny model at 64 px.
 import numpy as np
 from scipy import ndimage
 
-from big_vision_cxr.data import records
+from big_vision_cxr.data import images, records
+from big_vision_cxr.registry import DATA_SOURCES
 
 SOURCE = "phantom"
 CLASS_NAMES = ("active tb", "latent tb")
@@ -212,3 +213,11 @@ def dataset(n: int, *, seed: int = 0, size: int = 256, difficulty: float = 0.3, 
   """The records of indices [start, start + n), as a list."""
   return [generate(i, seed=seed, size=size, difficulty=difficulty, label_probs=label_probs)
           for i in range(start, start + n)]
+
+
+@DATA_SOURCES.register("phantom")
+def from_config(name, cfg):
+  """(records, skips) of dict(source='phantom', n=500, seed=0, size=256, difficulty=0.3)."""
+  recs = dataset(cfg.get("n", 500), seed=cfg.get("seed", 0), size=cfg.get("size", 256),
+                 difficulty=cfg.get("difficulty", 0.3))
+  return recs, images.Skips(name)

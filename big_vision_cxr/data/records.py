@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from big_vision_cxr import errors
+
 LABELS = ("tb", "normal", "sick_non_tb")
 CLASS_NAMES = ("active tb", "latent tb", "uncertain tb")
 LUNGS = ("left", "right")
@@ -24,7 +26,7 @@ KINDS = ("cavity", "consolidation", "nodular opacity", "calcified nodule")
 QA_TYPES = ("closed", "open")
 
 
-class RecordError(ValueError):
+class RecordError(errors.Error):
   """A source record breaks the contract; the message names the image and field."""
 
 

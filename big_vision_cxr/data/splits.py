@@ -10,11 +10,13 @@ the order or number of records.
 import collections
 import hashlib
 
+from big_vision_cxr import errors
+
 SPLITS = ("train", "val", "test")
 DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
 
 
-class SplitError(ValueError):
+class SplitError(errors.Error):
   """A patient would land in two splits, or the fractions are invalid."""
 
 

@@ -26,7 +26,9 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 
+from big_vision_cxr import errors
 from big_vision_cxr.data import images, records
+from big_vision_cxr.registry import DATA_SOURCES
 
 SOURCE = "tbx11k"
 CLASS_MAP = {
@@ -39,7 +41,7 @@ EDGE_TOLERANCE = 0.01
 MAX_XML_BYTES = 1 << 20
 
 
-class TBX11KError(ValueError):
+class TBX11KError(errors.Error):
   """The TBX11K folder or one of its files is malformed; the message names it."""
 
 
@@ -159,3 +161,13 @@ def read(path, *, splits=("train", "val"), lists="TBX11K", categories=("tb", "he
     skips.absent += absent
     logging.info("%s: %d listed images are absent from %s", SOURCE, len(absent), root)
   return out, skips
+
+
+@DATA_SOURCES.register("tbx11k")
+def from_config(name, cfg):
+  """(records, skips) of dict(source='tbx11k', path=..., splits=('train', 'val'),
+  lists='TBX11K', categories=('tb', 'health', 'sick'))."""
+  return read(cfg["path"], splits=tuple(cfg.get("splits", ("train", "val"))),
+              lists=cfg.get("lists", "TBX11K"),
+              categories=tuple(cfg.get("categories", ("tb", "health", "sick"))),
+              skips=images.Skips(name))

@@ -12,10 +12,11 @@ passed to every factory whose signature names them.
 import ast
 import inspect
 
+from big_vision_cxr import errors
 from big_vision_cxr.registry import PP_OPS
 
 
-class PPError(ValueError):
+class PPError(errors.Error):
   """A preprocessing string is malformed or names an unknown op."""
 
 

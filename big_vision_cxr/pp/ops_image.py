@@ -8,6 +8,9 @@
   call per image; the input pipeline caches the result), then rounded, clipped
   and cast back to the input dtype like big_vision.
 - value_range(vmin=-1, vmax=1, in_min=0, in_max=255): linear map to float32.
+
+`model_input_fn(pp_image, image_size)` is the one way a radiograph becomes the
+model's input, in training, evaluation and inference alike.
 """
 import io
 import tempfile
@@ -15,7 +18,10 @@ import tempfile
 import numpy as np
 
 from big_vision_cxr.data import images
+from big_vision_cxr.pp import builder
 from big_vision_cxr.registry import PP_OPS
+
+DEFAULT_IMAGE_SIZE = 224  # the default pp's size when no image_size is given
 
 
 def to_rgb(image, name="image"):
@@ -91,3 +97,59 @@ def value_range(image, vmin=-1.0, vmax=1.0, in_min=0.0, in_max=255.0):
 @PP_OPS.register("value_range")
 def get_value_range(vmin=-1.0, vmax=1.0, in_min=0.0, in_max=255.0, key="image"):
   return lambda data: {**data, key: value_range(data[key], vmin, vmax, in_min, in_max)}
+
+
+def default_pp_image(image_size=None):
+  return f"decode|resize({image_size or DEFAULT_IMAGE_SIZE})|value_range(-1, 1)"
+
+
+class ModelInput:
+  """uint8 [H, W] radiograph -> float32 [size, size, 3] through a pp string, in two
+  stages so that a pipeline can cache the first:
+
+  - `stored(image)`: every op but a trailing `value_range`; replicated grey is kept
+    as one channel -> [size, size, 1 or 3] (uint8 for the default pp);
+  - `finish(batch)`: [B, size, size, 1 or 3] -> float32 [B, size, size, 3]: grey
+    broadcast to 3 channels, then that `value_range`.
+  Calling it does both on one image. PPError when the output is not [size, size, 3]
+  (`image_size` None: any [h, w, 3]).
+  """
+
+  def __init__(self, pp_image=None, image_size=None):
+    self.pp_image = pp_image or default_pp_image(image_size)
+    self.image_size = image_size
+    ops = builder.parse(self.pp_image)
+    final = ops.pop() if ops and ops[-1][0] == "value_range" else None
+    self._stored = builder.get_preprocess_fn(ops)
+    self._final = builder.get_preprocess_fn([final]) if final else None
+
+  def stored(self, image):
+    out = np.asarray(self._stored({"image": image})["image"])
+    if out.ndim == 3 and out.strides[-1] == 0:
+      out = np.ascontiguousarray(out[..., :1])  # grey: keep one channel
+    size = self.image_size
+    if out.ndim != 3 or out.shape[-1] not in (1, 3) or (size and out.shape[:2] != (size, size)):
+      want = f"({size}, {size}, 3)" if size else "(height, width, 3)"
+      raise builder.PPError(f"pp_image {self.pp_image!r} gives images of shape {out.shape} "
+                            f"(grey as 1 channel); the model takes {want}")
+    return out
+
+  def finish(self, batch):
+    batch = np.asarray(batch)
+    if batch.shape[-1] == 1:
+      batch = np.broadcast_to(batch, (*batch.shape[:-1], 3))
+    if self._final is not None:
+      batch = self._final({"image": batch})["image"]
+    return np.asarray(batch, np.float32)
+
+  def __call__(self, image):
+    return self.finish(self.stored(image)[None])[0]
+
+
+def model_input_fn(pp_image=None, image_size=None):
+  """fn(uint8 [H, W]) -> float32 [image_size, image_size, 3] in [-1, 1] (a ModelInput).
+
+  pp_image None or "": the default `decode|resize(image_size)|value_range(-1, 1)`
+  (image_size None: 224), what training uses when config.input.pp_image is unset.
+  """
+  return ModelInput(pp_image, image_size)

@@ -1,12 +1,10 @@
-"""Text pp ops: PaliGemma's prefix/suffix layout .
+"""Text pp op: PaliGemma's prefix/suffix layout.
 
 tokenize_train(text_len): BOS + prefix, the "\\n" separator as its own token,
   suffix + EOS; mask_ar and mask_loss are [0...0 | 0 | 1...1]; padded or plainly
   truncated (EOS can be cut) to text_len + 1 with pad text 0, mask_ar 1,
   mask_loss 0. Writes 'text', 'mask_ar', 'mask_loss' (int32).
-tokenize_eval(text_len): BOS + prefix, separator, suffix WITHOUT EOS (usually
-  empty); mask_ar as above, mask_input 1 on real tokens; padded to text_len with
-  text 0, mask_ar 1, mask_input 0. Writes 'text', 'mask_ar', 'mask_input'.
+`layout` is the layout itself, for callers that already hold token ids.
 The tokenizer comes from the builder's context (`tokenizer=`) or, by default,
 the demo asset. Encodings are memoised (prompts repeat).
 """
@@ -16,6 +14,7 @@ import numpy as np
 
 from big_vision_cxr import tokenizer as tokenizer_lib
 from big_vision_cxr.registry import PP_OPS
+
 
 @functools.lru_cache(maxsize=4)
 def default_tokenizer(path=tokenizer_lib.DEMO_TOKENIZER):
@@ -40,35 +39,16 @@ def layout(prefix_ids, sep_id, suffix_ids, length, pad_mask_ar=1):
   return text, mask_ar, loss
 
 
-def _prefix_encoder(text_len, tokenizer, prefix_key):
-  """(tokenizer, memoised encoder, data -> BOS + prefix ids) after checking text_len."""
+@PP_OPS.register("tokenize_train")
+def get_tokenize_train(text_len, prefix_key="prefix", suffix_key="suffix", tokenizer=None):
   if not isinstance(text_len, int) or text_len < 2:
     raise ValueError(f"text_len must be an int >= 2, got {text_len!r}")
   tok = tokenizer or default_tokenizer()
   enc = _encoder(tok)
-  return tok, enc, lambda data: (tok.bos_id, *enc(str(data[prefix_key])))
-
-
-@PP_OPS.register("tokenize_train")
-def get_tokenize_train(text_len, prefix_key="prefix", suffix_key="suffix", tokenizer=None):
-  tok, enc, encode_prefix = _prefix_encoder(text_len, tokenizer, prefix_key)
 
   def _tok(data):
-    prefix = encode_prefix(data)
+    prefix = (tok.bos_id, *enc(str(data[prefix_key])))
     suffix = (*enc(str(data.get(suffix_key, ""))), tok.eos_id)
     text, mask_ar, mask_loss = layout(prefix, tok.sep_id, suffix, text_len + 1)
     return {**data, "text": text, "mask_ar": mask_ar, "mask_loss": mask_loss}
-  return _tok
-
-
-@PP_OPS.register("tokenize_eval")
-def get_tokenize_eval(text_len, prefix_key="prefix", suffix_key="suffix", tokenizer=None):
-  tok, enc, encode_prefix = _prefix_encoder(text_len, tokenizer, prefix_key)
-
-  def _tok(data):
-    prefix = encode_prefix(data)
-    suffix = enc(str(data.get(suffix_key, "") or ""))
-    text, mask_ar, _ = layout(prefix, tok.sep_id, suffix, text_len)
-    mask_input = (np.arange(text_len) < min(text_len, len(prefix) + 1 + len(suffix))).astype(np.int32)
-    return {**data, "text": text, "mask_ar": mask_ar, "mask_input": mask_input}
   return _tok
