@@ -20,48 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from big_vision_cxr import errors
+from big_vision_cxr import param_paths
 
-class OptimConfigError(ValueError):
+
+class OptimConfigError(errors.Error):
   """A schedule / lr_mults / wd_mults / lora setting that cannot be applied."""
-
-
-def tree_names(tree):
-  """Flat list of ('a/b/c', leaf) in tree order."""
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return [("/".join(_key_str(k) for k in path), leaf) for path, leaf in leaves]
-
-
-def _key_str(key):
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
-def tree_map_with_names(fn, tree):
-  """Like jax.tree.map, but `fn(name, leaf)`."""
-  treedef = jax.tree_util.tree_structure(tree)
-  return jax.tree_util.tree_unflatten(treedef, [fn(n, x) for n, x in tree_names(tree)])
-
-
-def _compile(patterns, what):
-  out = []
-  for item in patterns:
-    if not isinstance(item, (tuple, list)) or len(item) != 2:
-      raise OptimConfigError(f"{what}: each entry must be (regex, value), got {item!r}.")
-    pattern, value = item
-    try:
-      out.append((re.compile(pattern), value))
-    except re.error as e:
-      raise OptimConfigError(f"{what}: bad regex {pattern!r}: {e}") from e
-  return out
-
-
-def first_match(name, compiled):
-  for rx, value in compiled:
-    if rx.fullmatch(name):
-      return True, value
-  return False, None
 
 
 # ---------------------------------------------------------------- schedules --
@@ -154,11 +118,14 @@ def plan_params(config, params):
   sched = config.get("schedule", dict(decay_type="cosine", warmup_percent=0.05))
   if isinstance(sched, (dict, flax.core.FrozenDict)) or hasattr(sched, "to_dict"):
     sched = [(".*", sched)]
-  compiled = _compile(sched, "config.schedule")
-  lr_mults = _compile(config.get("lr_mults") or [], "config.lr_mults")
-  wd_mults = _compile(config.get("wd_mults", [(".*/kernel$", 1.0)]) or [], "config.wd_mults")
+  compiled = param_paths.compile_rules(sched, "config.schedule", OptimConfigError)
+  lr_mults = param_paths.compile_rules(config.get("lr_mults") or [], "config.lr_mults",
+                                      OptimConfigError)
+  wd_mults = param_paths.compile_rules(config.get("wd_mults", [(".*/kernel$", 1.0)]) or [],
+                                      "config.wd_mults",
+                                       OptimConfigError)
   labels, lrm, wdm, unmatched = {}, {}, {}, []
-  for name, _ in tree_names(params):
+  for name, _ in param_paths.tree_names(params):
     label = None
     for i, (rx, value) in enumerate(compiled):
       if rx.fullmatch(name):
@@ -167,9 +134,9 @@ def plan_params(config, params):
     else:
       unmatched.append(name)
     labels[name] = label
-    found, mult = first_match(name, lr_mults)
+    found, mult = param_paths.first_match(name, lr_mults)
     lrm[name] = float(mult) if found else 1.0
-    found, mult = first_match(name, wd_mults)
+    found, mult = param_paths.first_match(name, wd_mults)
     wdm[name] = float(mult) if found else 0.0
   if unmatched:
     shown = ", ".join(unmatched[:5]) + (f" ... ({len(unmatched)} in all)" if len(unmatched) > 5 else "")
@@ -227,7 +194,7 @@ def make(config, params, *, total_steps, batch_size=None, data_size=None):
   """Returns (tx, plan, sched_fns) for `params` (a tree of arrays or ShapeDtypeStructs)."""
   plan = plan_params(config, params)
   sched_fns = make_schedules(config, total_steps, batch_size, data_size)
-  names_tree = tree_map_with_names(lambda n, _: n, params)
+  names_tree = param_paths.tree_map_with_names(lambda n, _: n, params)
   mask = jax.tree.map(plan.trainable, names_tree)
   optax_name = config.get("optax_name", "scale_by_adam")
   if not hasattr(optax, optax_name):
@@ -243,7 +210,7 @@ def make(config, params, *, total_steps, batch_size=None, data_size=None):
 
 
 def trainable_mask(plan, params):
-  return tree_map_with_names(lambda n, _: plan.trainable(n), params)
+  return param_paths.tree_map_with_names(lambda n, _: plan.trainable(n), params)
 
 
 def current_lr(config, sched_fns, step):
@@ -280,7 +247,7 @@ def lora_init(lora_cfg, params, rng):
   except re.error as e:
     raise OptimConfigError(f"config.lora.targets: bad regex {lora_cfg.targets!r}: {e}") from e
   flat = {}
-  for name, leaf in tree_names(params):
+  for name, leaf in param_paths.tree_names(params):
     if target.fullmatch(name) and len(leaf.shape) >= 2:
       batch, m, n = lora_matrix_shape(leaf.shape)
       rng, sub = jax.random.split(rng)
@@ -302,4 +269,4 @@ def lora_merge(lora_cfg, params, lora):
     delta = jnp.einsum("...mr,...rn->...mn", ab["a"], ab["b"])  # [.., m, n]
     return w + (scale * delta).reshape(w.shape).astype(w.dtype)
 
-  return tree_map_with_names(merge, params)
+  return param_paths.tree_map_with_names(merge, params)

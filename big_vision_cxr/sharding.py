@@ -18,10 +18,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from big_vision_cxr import optim
+from big_vision_cxr import errors
+from big_vision_cxr import param_paths
 
 
-class ShardingError(ValueError):
+class ShardingError(errors.Error):
   """A mesh or sharding rule that cannot be built for these devices or shapes."""
 
 
@@ -165,17 +166,17 @@ def _spec_for(rule, shape, itemsize, mesh):
 
 def infer_sharding(tree, strategy, mesh):
   """NamedSharding for each leaf of `tree` (arrays or ShapeDtypeStructs) by strategy."""
-  compiled = optim._compile(strategy, "config.sharding_strategy")
+  compiled = param_paths.compile_rules(strategy, "config.sharding_strategy", ShardingError)
 
   def one(name, leaf):
-    found, rule = optim.first_match(name, compiled)
+    found, rule = param_paths.first_match(name, compiled)
     if not found:
       raise ShardingError(f"config.sharding_strategy matches no rule for {name!r}.")
     shape = tuple(getattr(leaf, "shape", ()))
     itemsize = np.dtype(getattr(leaf, "dtype", np.float32)).itemsize
     return NamedSharding(mesh, _spec_for(rule, shape, itemsize, mesh))
 
-  return optim.tree_map_with_names(one, tree)
+  return param_paths.tree_map_with_names(one, tree)
 
 
 def batch_sharding(mesh):

@@ -4,6 +4,8 @@ import pytest
 
 from big_vision_cxr import config as config_lib
 from big_vision_cxr import optim
+from big_vision_cxr import param_paths
+from big_vision_cxr.data import prompts
 from big_vision_cxr.models import paligemma
 
 import _trainer_testlib as lib
@@ -80,15 +82,15 @@ def test_validation_messages():
 def test_paper_recipe_freezes_image_side_and_trains_the_llm_of_pg1_3b():
   config = config_lib.load_config(MIX)
   assert config.model.variant == "pg1_3b_224"
-  assert tuple(config.input.tasks) == config_lib.TASKS
+  assert tuple(config.input.tasks) == prompts.TASKS
   assert (config.input.weights, config.input.mix_by) == ("inverse_size", "task")
   assert (config.optax_name, config.grad_clip_norm) == ("scale_by_adam", 1.0)
   shapes = paligemma.param_shapes(paligemma.get_config("pg1_3b_224"))
   plan = optim.plan_params(config, shapes)
-  names = [n for n, _ in optim.tree_names(shapes)]
+  names = [n for n, _ in param_paths.tree_names(shapes)]
   assert "img/head/kernel" in names
-  trained = sum(leaf.size for n, leaf in optim.tree_names(shapes) if plan.trainable(n))
-  frozen = sum(leaf.size for n, leaf in optim.tree_names(shapes) if not plan.trainable(n))
+  trained = sum(leaf.size for n, leaf in param_paths.tree_names(shapes) if plan.trainable(n))
+  frozen = sum(leaf.size for n, leaf in param_paths.tree_names(shapes) if not plan.trainable(n))
   assert all(plan.trainable(n) == n.startswith("llm/") for n in names)
   assert 2.4e9 < trained < 2.6e9 and 4.0e8 < frozen < 4.4e8, (trained, frozen)  # Gemma 2B, SigLIP
   fn = optim.make_schedules(config, total_steps=1000)[1]
