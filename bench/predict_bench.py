@@ -24,6 +24,7 @@ import numpy as np
 
 from bench import common
 from big_vision_cxr import npz
+from big_vision_cxr import inference
 from big_vision_cxr import predict
 from big_vision_cxr import serving
 from big_vision_cxr.data import phantom
@@ -84,12 +85,12 @@ def main(argv=None):
     if args.config:
       from big_vision_cxr import config as config_lib  # pylint: disable=import-outside-toplevel
       config = config_lib.load_config(args.config)
-    loaded = predict.load(checkpoint, config=config, model_variant=None if config else args.model_variant,
+    loaded = inference.load(checkpoint, config=config, model_variant=None if config else args.model_variant,
                           vqvae=vq, class_names=None if config else phantom.CLASS_NAMES)
-    runner = predict.Runner(loaded, batch_size=batch_size, max_decode_len=max_decode_len)
+    runner = inference.Runner(loaded, batch_size=batch_size, max_decode_len=max_decode_len)
     images = [phantom.generate(200_000 + i, size=256).image for i in range(n_images)]
     inputs = np.stack([loaded.model_input(im) for im in images])
-    jobs = predict.task_jobs(n_images, predict.TASKS, loaded.class_names)
+    jobs = inference.task_jobs(n_images, inference.TASKS, loaded.prompts)
     files = []
     for i, im in enumerate(images):
       from PIL import Image  # pylint: disable=import-outside-toplevel

@@ -18,11 +18,9 @@ import shutil
 import jax
 import orbax.checkpoint as ocp
 
+from big_vision_cxr.errors import CheckpointError
+
 _ITEMS = ("state", "meta")
-
-
-class CheckpointError(RuntimeError):
-  """A checkpoint that cannot be written or restored."""
 
 
 def is_complete(step_dir):
@@ -119,3 +117,35 @@ class Checkpointer:
   def close(self):
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def latest_complete_step(workdir):
+  folder = pathlib.Path(workdir) / "checkpoints"
+  steps = sorted(int(p.name) for p in folder.iterdir() if is_complete(p)) if folder.is_dir() else []
+  if not steps:
+    raise CheckpointError(f"{workdir}: no complete checkpoint under {folder}.")
+  return steps[-1]
+
+
+def restore_params(workdir, step=None):
+  """The params of a checkpoint (workdir, or workdir/checkpoints/STEP) -> (params, step).
+
+  Read-only: unlike `Checkpointer` it never moves, cleans or creates anything,
+  so it is safe on the workdir of a running training.
+  """
+  path = pathlib.Path(workdir)
+  if path.name.isdigit() and is_complete(path):
+    step_dir = path
+  else:
+    step = latest_complete_step(path) if step is None else int(step)
+    step_dir = path / "checkpoints" / str(step)
+    if not is_complete(step_dir):
+      raise CheckpointError(f"checkpoint {step_dir} is missing or incomplete.")
+  try:
+    state = ocp.StandardCheckpointer().restore(step_dir.absolute() / "state")
+  except Exception as e:  # pylint: disable=broad-except  # orbax raises bare Exceptions
+    raise CheckpointError(f"checkpoint {step_dir} cannot be read: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}") from e
+  if "params" not in state:
+    raise CheckpointError(f"{step_dir}: the saved state has no 'params' (keys: {sorted(state)}).")
+  return state["params"], int(step_dir.name)

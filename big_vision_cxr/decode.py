@@ -1,6 +1,6 @@
 """Jitted KV-cache generation (greedy, sampling, beam search), scoring and `Predictor`.
 
-Prompt layout (training's, docs/paligemma_facts.md §2.6): the model sees
+Prompt layout (training's, `pp.ops_text.layout`): the model sees
   [image tokens] [BOS] prefix ["\\n"]  -> suffix ... [EOS]
 where the prefix block (image, BOS, prompt, "\\n") is one bidirectional block
 (mask_ar 0) and each generated token is causal. Prompts are left-aligned in a
@@ -34,13 +34,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from big_vision_cxr import errors
 from big_vision_cxr.models.gemma import softcap
 from big_vision_cxr.models.paligemma import make_attn_mask
+from big_vision_cxr.pp import ops_text
 
 SAMPLERS = ("greedy", "temperature", "top_k", "top_p")
 
 
-class DecodeError(ValueError):
+class DecodeError(errors.Error):
   """Bad decoding arguments (sampler settings, prompt too long, shapes)."""
 
 
@@ -278,8 +280,13 @@ class Predictor:
         cache_dtype=cache_dtype, head_dtype=head_dtype)
     self._score = make_score_fn(model)
 
+  def _prefix_ids(self, prefix):
+    return self.tokenizer.encode(prefix, bos=True)
+
   def prompt_tokens(self, prefix):
-    return self.tokenizer.encode(prefix, bos=True) + [self.tokenizer.sep_id]
+    """The prompt as training lays it out: BOS + prefix + the separator."""
+    ids = self._prefix_ids(prefix)
+    return ops_text.layout(ids, self.tokenizer.sep_id, (), len(ids) + 1)[0].tolist()
 
   def _check_batch(self, images, *texts):
     images = np.asarray(images, np.float32)
@@ -301,15 +308,13 @@ class Predictor:
   def generate(self, params, images, prefixes, rng=None):
     """-> list of dict(text, tokens, token_logprobs); tokens end with EOS if it was produced."""
     images = self._check_batch(images, ("prefixes", prefixes))
-    prompts = [self.prompt_tokens(p) for p in prefixes]
+    prompts = [self._prefix_ids(p) for p in prefixes]
     for i, ids in enumerate(prompts):
-      if len(ids) > self.max_prompt_len:
-        raise DecodeError(f"prefix {i} is {len(ids)} tokens with BOS and separator, more than "
+      if len(ids) + 1 > self.max_prompt_len:
+        raise DecodeError(f"prefix {i} is {len(ids) + 1} tokens with BOS and separator, more than "
                           f"max_prompt_len={self.max_prompt_len}: {prefixes[i][:60]!r}.")
-    length = min(_bucket(max(map(len, prompts)), self.length_bucket), self.max_prompt_len)
-    text = np.zeros((len(prompts), length), np.int32)
-    for i, ids in enumerate(prompts):
-      text[i, :len(ids)] = ids
+    length = min(_bucket(max(map(len, prompts)) + 1, self.length_bucket), self.max_prompt_len)
+    text = np.stack([ops_text.layout(ids, self.tokenizer.sep_id, (), length)[0] for ids in prompts])
     n = len(prompts)
     images, text = self._pad_batch([images, text], n)
     rng = jax.random.PRNGKey(0) if rng is None else rng
@@ -327,21 +332,16 @@ class Predictor:
     images = self._check_batch(images, ("prefixes", prefixes), ("suffixes", suffixes))
     rows = []
     for i, (prefix, suffix) in enumerate(zip(prefixes, suffixes)):
-      head = self.prompt_tokens(prefix)
+      head = self._prefix_ids(prefix)
       tail = self.tokenizer.encode(suffix, eos=True)
-      if len(head) > self.max_prompt_len or len(tail) > self.max_decode_len:
+      if len(head) + 1 > self.max_prompt_len or len(tail) > self.max_decode_len:
         raise DecodeError(
-            f"example {i}: prefix {len(head)} tokens (max_prompt_len={self.max_prompt_len}) and "
-            f"suffix+EOS {len(tail)} tokens (max_decode_len={self.max_decode_len}): too long.")
+            f"example {i}: prefix {len(head) + 1} tokens (max_prompt_len={self.max_prompt_len}) "
+            f"and suffix+EOS {len(tail)} tokens (max_decode_len={self.max_decode_len}): too long.")
       rows.append((head, tail))
-    length = _bucket(max(len(h) + len(t) for h, t in rows), self.length_bucket)
-    text = np.zeros((len(rows), length), np.int32)
-    mask_ar = np.ones_like(text)
-    mask_loss = np.zeros_like(text)
-    for i, (head, tail) in enumerate(rows):
-      text[i, :len(head) + len(tail)] = head + tail
-      mask_ar[i, :len(head)] = 0
-      mask_loss[i, len(head):len(head) + len(tail)] = 1
+    length = _bucket(max(len(h) + 1 + len(t) for h, t in rows), self.length_bucket)
+    text, mask_ar, mask_loss = (np.stack(a) for a in zip(
+        *[ops_text.layout(h, self.tokenizer.sep_id, t, length) for h, t in rows]))
     n = len(rows)
     images, text, mask_ar, mask_loss = self._pad_batch([images, text, mask_ar, mask_loss], n)
     total, _ = self._score(params, images, text, mask_ar, mask_loss)

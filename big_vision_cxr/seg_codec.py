@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from big_vision_cxr import errors
 from big_vision_cxr import loc_codec
 from big_vision_cxr.models import vqvae
 
@@ -24,7 +25,7 @@ DEMO_VQVAE = pathlib.Path(__file__).parent / "assets" / "vqvae_cxr_demo.npz"
 SIZE = vqvae.MASK_SIZE
 
 
-class SegCodecError(ValueError):
+class SegCodecError(errors.Error):
   """Masks, boxes or seg ids given to the codec have the wrong shape or range."""
 
 
@@ -149,13 +150,18 @@ class SegCodec:
     return [loc_codec.loc_tokens(b) + loc_codec.seg_tokens(s) for b, s in zip(np.asarray(boxes_norm), seg)]
 
 
-def from_config(cfg=None):
-  """A SegCodec from a path, a dict/ConfigDict with 'npz' (or 'path'), or None (the demo VQ-VAE)."""
+def npz_path(cfg=None):
+  """The VQ-VAE file a config value names: a path, a dict with 'npz' (or 'path'), or None (the demo)."""
   if cfg is None:
-    return SegCodec.from_npz(DEMO_VQVAE)
+    return DEMO_VQVAE
   if isinstance(cfg, (str, pathlib.Path)):
-    return SegCodec.from_npz(cfg)
+    return pathlib.Path(cfg)
   path = cfg.get("npz") or cfg.get("path")
   if not path:
     raise SegCodecError(f"seg_codec config needs 'npz' (path to a VQ-VAE .npz), got {dict(cfg)}.")
-  return SegCodec.from_npz(path)
+  return pathlib.Path(path)
+
+
+def from_config(cfg=None):
+  """A SegCodec from a config value (see `npz_path`)."""
+  return SegCodec.from_npz(npz_path(cfg))

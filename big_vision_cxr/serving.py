@@ -6,8 +6,10 @@
 1024 `<loc>` and 128 `<seg>` pieces keep their ids (base_size + i), `<image>`
 gets the id right after them (our vocab_size), as HF's config expects.
 
-  python -m big_vision_cxr.serving --checkpoint CKPT [--model_variant V] \
+  python -m big_vision_cxr.serving --checkpoint WORKDIR_OR_NPZ [--config C | --model_variant V] \
       [--tokenizer SPM] --out DIR
+
+A training workdir carries its own settings; a .npz needs --config or --model_variant.
 
 See docs/SERVING.md for transformers inference on the export.
 """
@@ -18,13 +20,16 @@ import pathlib
 import sys
 import tempfile
 
+from big_vision_cxr import atomic
+from big_vision_cxr import errors
+from big_vision_cxr import inference
 from big_vision_cxr import tokenizer as tokenizer_lib
 
 # big_vision resizes bilinearly; HF's SigLIP default is bicubic. PIL's code for bilinear.
 PIL_BILINEAR = 2
 
 
-class ServingError(ValueError):
+class ServingError(errors.Error):
   """An export that cannot be written (bad tokenizer, size, or folder)."""
 
 
@@ -72,14 +77,13 @@ def export(checkpoint, out_dir, *, config=None, model_variant=None, tokenizer=No
            bf16=False):
   """Our checkpoint (orbax workdir or .npz) -> an HF directory with weights and processor.
 
-  The model, params and tokenizer are resolved exactly as `predict` resolves
-  them. The embedding is not padded: `<image>` is our vocab_size, one past the
+  The model, params and tokenizer are resolved by `inference.load`, as predict
+  resolves them. The embedding is not padded: `<image>` is our vocab_size, one past the
   last row, so HF can never generate an id our tokenizer lacks.
   """
   import ml_dtypes  # pylint: disable=import-outside-toplevel
   from big_vision_cxr import hf_interop  # pylint: disable=import-outside-toplevel
-  from big_vision_cxr import predict  # pylint: disable=import-outside-toplevel
-  loaded = predict.load(checkpoint, config=config, model_variant=model_variant,
+  loaded = inference.load(checkpoint, config=config, model_variant=model_variant,
                         tokenizer=tokenizer, step=step, with_vqvae=False)
   hf_config = hf_interop.save_hf(loaded.params, loaded.model_cfg, out_dir, vocab_pad_multiple=0,
                                  dtype=ml_dtypes.bfloat16 if bf16 else None)
@@ -90,32 +94,33 @@ def export(checkpoint, out_dir, *, config=None, model_variant=None, tokenizer=No
     raise ServingError(f"the processor's <image> id {processor.image_token_id} differs from the "
                        f"model's image_token_index {hf_config['image_token_index']}.")
   provenance = dict(loaded.provenance, exported_from="big_vision_cxr.serving")
-  (pathlib.Path(out_dir) / "big_vision_cxr_provenance.json").write_text(json.dumps(provenance, indent=2))
+  atomic.write_text(pathlib.Path(out_dir) / "big_vision_cxr_provenance.json",
+                    json.dumps(provenance, indent=2))
   return out_dir
 
 
-def main(argv=None):
+def run(argv):
   parser = argparse.ArgumentParser(prog="python -m big_vision_cxr.serving", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--checkpoint", required=True, help="our orbax workdir or a .npz")
-  parser.add_argument("--config", help="the training config (file.py:args)")
-  parser.add_argument("--model_variant", help="PaliGemma variant when there is no --config")
-  parser.add_argument("--tokenizer", help="SentencePiece model (default: the demo asset)")
+  parser.add_argument("--config", help="the training config (file.py:args); workdirs store their own")
+  parser.add_argument("--model_variant", help="PaliGemma variant of a .npz without --config")
+  parser.add_argument("--tokenizer", help="SentencePiece model (default: the run's, or the demo asset)")
   parser.add_argument("--step", type=int, help="checkpoint step (default: the latest complete one)")
   parser.add_argument("--bf16", action="store_true", help="write bfloat16 safetensors")
   parser.add_argument("--out", required=True, help="output directory")
   args = parser.parse_args(argv)
   from big_vision_cxr import config as config_lib  # pylint: disable=import-outside-toplevel
-  try:
-    config = config_lib.load_config(args.config) if args.config else None
-    export(args.checkpoint, args.out, config=config, model_variant=args.model_variant,
-           tokenizer=args.tokenizer, step=args.step, bf16=args.bf16)
-  except (ServingError, ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  config = config_lib.load_config(args.config) if args.config else None
+  export(args.checkpoint, args.out, config=config, model_variant=args.model_variant,
+         tokenizer=args.tokenizer, step=args.step, bf16=args.bf16)
   print(f"wrote {args.out}: load it with PaliGemmaForConditionalGeneration.from_pretrained and "
         f"PaliGemmaProcessor.from_pretrained (docs/SERVING.md).", file=sys.stderr)
   return 0
+
+
+def main(argv=None):
+  return errors.cli_main(run, argv)
 
 
 if __name__ == "__main__":

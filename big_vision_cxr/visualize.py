@@ -6,6 +6,9 @@ box, so the drawing stays legible on any grey level of a radiograph.
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from big_vision_cxr import atomic
+from big_vision_cxr import errors
+
 PALETTE = (
     (255, 64, 64), (64, 200, 255), (255, 200, 0), (80, 255, 80),
     (255, 80, 255), (255, 140, 0), (0, 255, 200), (180, 120, 255),
@@ -16,7 +19,7 @@ HEADER_BG = (16, 16, 16)
 HEADER_FG = (255, 255, 255)
 
 
-class VisualizeError(ValueError):
+class VisualizeError(errors.Error):
   """An image or object that cannot be drawn."""
 
 
@@ -148,5 +151,7 @@ def _with_header(img, lines, font):
 
 
 def save_overlay(path, image, objects=(), header=(), max_side=1024):
-  """`overlay()` written as a PNG at `path`."""
-  overlay(image, objects, header, max_side).save(path, format="PNG", optimize=True)
+  """`overlay()` written as a PNG at `path` (atomically; a symlink there is replaced)."""
+  picture = overlay(image, objects, header, max_side)
+  with atomic.target(path) as tmp:
+    picture.save(tmp, format="PNG", optimize=True)

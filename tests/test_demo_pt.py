@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from big_vision_cxr import config as config_lib
-from big_vision_cxr import predict
+from big_vision_cxr import inference
 from big_vision_cxr.data import phantom
 from big_vision_cxr.models import paligemma
 
@@ -45,10 +45,10 @@ def test_demo_config_loads_the_shipped_pt_model_with_the_demo_shapes():
 
 def test_shipped_pt_model_finds_lesions_on_unseen_radiographs():
   config = config_lib.load_config(f"{REPO / 'configs' / 'cxr_mix.py'}:demo")
-  loaded = predict.load(config.model_init, config=config, with_vqvae=False)
+  loaded = inference.load(config.model_init, config=config, with_vqvae=False)
   records = [r for r in phantom.dataset(96, seed=0, size=128, difficulty=0.0, start=9000)
              if r.label == "tb"][:32]
-  runner = predict.Runner(loaded, tasks=("detection",), batch_size=16, max_decode_len=48)
+  runner = inference.Runner(loaded, tasks=("detection",), batch_size=16, max_decode_len=48)
   results = runner.run([r.image for r in records])
   preds = [[np.asarray(b["bbox"]) for b in res["boxes"]] for res in results]
   gts = [r.objects.bbox for r in records]

@@ -4,7 +4,10 @@ import json
 import numpy as np
 import pytest
 
+from big_vision_cxr import errors
+from big_vision_cxr import inference
 from big_vision_cxr import predict
+from big_vision_cxr.evaluators import coco
 
 
 def _touch(path, data=b"x"):
@@ -36,28 +39,33 @@ def test_empty_folder_and_missing_path_are_named(tmp_path):
 
 
 def test_csv_and_jsonl_manifests_resolve_relative_paths(tmp_path):
-  (tmp_path / "m.csv").write_text("image,label\nimgs/x.png,tb\n/abs/y.png,normal\n")
-  assert predict.collect_inputs(tmp_path / "m.csv").files == [tmp_path / "imgs/x.png",
-                                                              tmp_path.__class__("/abs/y.png")]
+  (tmp_path / "m.csv").write_text("\ufeffimage,label\nimgs/x.png,tb\n")  # Excel's BOM
+  assert predict.collect_inputs(tmp_path / "m.csv").files == [tmp_path / "imgs/x.png"]
   (tmp_path / "m.jsonl").write_text('{"path": "z.dcm"}\n\n{"path": "w.png"}\n')
   assert predict.collect_inputs(tmp_path / "m.jsonl").files == [tmp_path / "z.dcm", tmp_path / "w.png"]
 
 
 @pytest.mark.parametrize("name,text,match", [
-    ("m.csv", "file,label\nx.png,tb\n", r"needs one of the columns"),
+    ("m.csv", "file,label\nx.png,tb\n", r"m.csv:2: needs one of the columns"),
     ("m.csv", "image\n\n", r"lists no images"),
-    ("m.jsonl", '{"path": "a.png"}\nnot json\n', r"m.jsonl, line 2: not JSON"),
-    ("m.jsonl", '{"file": "a.png"}\n', r"line 1: needs one of the keys"),
-    ("m.csv", "image,x\n,1\n", r"line 2: empty image path"),
+    ("m.jsonl", '{"path": "a.png"}\nnot json\n', r"m.jsonl:2: invalid JSON"),
+    ("m.jsonl", '{"file": "a.png"}\n', r"m.jsonl:1: needs one of the columns/keys"),
+    ("m.csv", "image,x\n,1\n", r"m.csv:2: image '' is not an image path"),
+    # Paths outside the manifest's folder are refused, not read (it used to open /etc/passwd).
+    ("m.csv", "image\n/etc/passwd\n", r"m.csv:2: image '/etc/passwd': .* escapes"),
+    ("m.jsonl", '{"image": "../outside.png"}\n', r"m.jsonl:1: image '../outside.png': .* escapes"),
 ])
 def test_bad_manifests_are_named(tmp_path, name, text, match):
   (tmp_path / name).write_text(text)
-  with pytest.raises(predict.PredictError, match=match):
+  with pytest.raises(errors.Error, match=match):
     predict.collect_inputs(tmp_path / name)
 
 
 def test_unique_ids():
   assert predict.unique_ids(["a/x.png", "b/x.dcm", "c/y.png", "d/x.jpg"]) == ["x", "x_1", "y", "x_2"]
+  # A made-up id never takes another file's real name (it used to overwrite c/x_1's result).
+  assert predict.unique_ids(["a/x.png", "b/x.png", "c/x_1.png"]) == ["x", "x_2", "x_1"]
+  assert predict.unique_ids(["c/x_1.png", "a/x.png", "b/x.png"]) == ["x_1", "x", "x_2"]
 
 
 # ---------------------------------------------------------------- outputs
@@ -67,11 +75,11 @@ def test_rle_round_trip_and_box_entry():
   mask = np.zeros((37, 53), bool)
   mask[3:20, 10:40] = True
   mask[30, 50] = True
-  rle = predict.mask_to_rle(mask)
+  rle = coco.mask_to_rle(mask)
   assert rle["size"] == [37, 53] and isinstance(rle["counts"], str)
   json.dumps(rle)
-  np.testing.assert_array_equal(predict.rle_to_mask(rle), mask)
-  entry = predict.box_entry(np.float32([0.1, 0.2, 0.5, 1.0]), "active tb", 0.75, 200, 300)
+  np.testing.assert_array_equal(coco.rle_to_mask(rle), mask)
+  entry = inference.box_entry(np.float32([0.1, 0.2, 0.5, 1.0]), "active tb", 0.75, 200, 300)
   assert entry["bbox_pixels"] == [20.0, 60.0, 100.0, 300.0]
   assert entry["label"] == "active tb" and entry["score"] == 0.75
 
@@ -152,22 +160,22 @@ def assets(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runner(assets):
-  loaded = predict.load(assets["npz"], model_variant=VARIANT, vqvae=assets["vqvae"],
+  loaded = inference.load(assets["npz"], model_variant=VARIANT, vqvae=assets["vqvae"],
                         class_names=phantom.CLASS_NAMES)
-  return predict.Runner(loaded, batch_size=4, max_decode_len=DECODE_LEN)
+  return inference.Runner(loaded, batch_size=4, max_decode_len=DECODE_LEN)
 
 
 def test_orbax_workdir_and_npz_load_the_same_params(assets):
-  params, step = predict.restore_params(assets["workdir"])
+  params, step = checkpointing.restore_params(assets["workdir"])
   assert step == 7
   flat, want = npz.flatten(params), npz.flatten(assets["params"])
   assert flat.keys() == want.keys()
   for k in want:
     np.testing.assert_array_equal(np.asarray(flat[k]), want[k], err_msg=k)
-  loaded = predict.load(assets["workdir"], model_variant=VARIANT, vqvae=assets["vqvae"])
+  loaded = inference.load(assets["workdir"], model_variant=VARIANT, vqvae=assets["vqvae"])
   assert loaded.provenance["step"] == 7 and loaded.provenance["model_variant"] == VARIANT
-  with pytest.raises(predict.PredictError, match="no complete checkpoint"):
-    predict.restore_params(assets["workdir"].parent)
+  with pytest.raises(errors.CheckpointError, match="no complete checkpoint"):
+    checkpointing.restore_params(assets["workdir"].parent)
 
 
 def _outputs(out_dir):
@@ -222,12 +230,12 @@ def test_objects_from_generated_tokens(runner):
                                                          500 / 1023 * 300, 600 / 1023 * 400], 2))
   assert e["label"] == "active tb" and 0 < e["score"] <= 1
   want = runner.loaded.seg_codec.decode(seg[None], np.array([e["bbox"]]), 300, 400)[0]
-  np.testing.assert_array_equal(predict.rle_to_mask(e["rle"]), want)
+  np.testing.assert_array_equal(coco.rle_to_mask(e["rle"]), want)
   assert e["area"] == want.sum()
 
 
 def test_prompt_only(runner, assets, tmp_path):
-  only = predict.Runner(runner.loaded, tasks=(), prompts=("answer en is there a cavity?",),
+  only = inference.Runner(runner.loaded, tasks=(), prompts=("answer en is there a cavity?",),
                         batch_size=4, max_decode_len=DECODE_LEN)
   only.predictor = runner.predictor  # reuse the compiled functions
   path = _save_png(tmp_path / "a.png", phantom.generate(0, size=64).image)
@@ -236,8 +244,8 @@ def test_prompt_only(runner, assets, tmp_path):
   assert list(res["generated"]) == ["answer en is there a cavity?"]
   assert res["prompts"][0]["text"] == res["generated"]["answer en is there a cavity?"]
   assert "diagnosis" not in res and "boxes" not in res
-  with pytest.raises(predict.PredictError, match="unknown tasks"):
-    predict.Runner(runner.loaded, tasks=("diagnosis", "ocr"))
+  with pytest.raises(inference.InferenceError, match="unknown tasks"):
+    inference.Runner(runner.loaded, tasks=("diagnosis", "ocr"))
 
 
 def test_real_png_and_its_dicoms_give_the_same_outputs(runner, tbx11k_dir, nih_dir, tmp_path):
@@ -252,7 +260,7 @@ def test_real_png_and_its_dicoms_give_the_same_outputs(runner, tbx11k_dir, nih_d
   nih = sorted((nih_dir / "images").glob("*.png"))[0]
   shutil.copy(nih, folder / "d_nih.png")
   for name in ("b_mono2.dcm", "c_mono1"):
-    np.testing.assert_array_equal(predict.read_checked(folder / name), image)
+    np.testing.assert_array_equal(images_lib.read_radiograph(folder / name), image)
   summary = predict.predict_files(runner, sorted(folder.iterdir()), tmp_path / "out", progress=False)
   assert not summary.failed and len(summary.done) == 4
   out = _outputs(tmp_path / "out")
@@ -270,7 +278,7 @@ def test_cli_bad_inputs_named_rest_processed_nonzero_exit(assets, tmp_path, monk
   _save_png(folder / "one_pixel.png", np.zeros((1, 1), np.uint8))
   _save_png(folder / "huge.png", np.zeros((200, 200), np.uint8))
   (folder / "notes.txt").write_text("skipped, not an error")
-  monkeypatch.setattr(predict, "MAX_PIXELS", 150 * 150)
+  monkeypatch.setattr(images_lib, "MAX_PIXELS", 150 * 150)
   argv = ["--checkpoint", str(assets["npz"]), "--model_variant", VARIANT, "--vqvae", str(assets["vqvae"]),
           "--input", str(folder), "--out", str(tmp_path / "out"), "--tasks", "",
           "--prompt", "caption en", "--max_decode_len", "8", "--no_progress"]
@@ -291,17 +299,6 @@ def test_cli_bad_inputs_named_rest_processed_nonzero_exit(assets, tmp_path, monk
   assert "holds no image files" in capsys.readouterr().err
 
 
-def test_class_names_follow_the_training_config():
-  from big_vision_cxr import config as config_lib
-  from big_vision_cxr.data import records
-  demo = config_lib.load_config(str(pathlib.Path(__file__).parents[1] / "configs" / "cxr_mix.py") + ":demo")
-  assert predict.config_class_names(demo) == phantom.CLASS_NAMES
-  demo.input.class_names = ("latent tb", "active tb", "uncertain tb")
-  assert predict.config_class_names(demo) == ("active tb", "latent tb", "uncertain tb")
-  paper = config_lib.load_config(str(pathlib.Path(__file__).parents[1] / "configs" / "cxr_mix.py"))
-  assert predict.config_class_names(paper) == records.CLASS_NAMES
-
-
 def test_lora_workdir_is_merged_with_the_training_config(assets, tmp_path):
   from big_vision_cxr import config as config_lib
   from big_vision_cxr import optim
@@ -313,7 +310,7 @@ def test_lora_workdir_is_merged_with_the_training_config(assets, tmp_path):
   ckpt = checkpointing.Checkpointer(tmp_path / "wd", async_save=False)
   ckpt.save(5, {"step": np.int32(5), "params": {**params, "lora": lora}})
   ckpt.close()
-  loaded = predict.load(tmp_path / "wd", config=config, vqvae=assets["vqvae"])
+  loaded = inference.load(tmp_path / "wd", config=config, vqvae=assets["vqvae"])
   name = "llm~layers~attn~q_einsum~w"
   w = params["llm"]["layers"]["attn"]["q_einsum"]["w"]
   delta = np.einsum("...mr,...rn->...mn", lora[name]["a"], lora[name]["b"]).reshape(w.shape)
@@ -323,8 +320,8 @@ def test_lora_workdir_is_merged_with_the_training_config(assets, tmp_path):
   assert "lora" not in loaded.params
   np.testing.assert_array_equal(np.asarray(loaded.params["img"]["embedding"]["kernel"]),
                                 params["img"]["embedding"]["kernel"])
-  with pytest.raises(predict.PredictError, match="LoRA params: pass the training --config"):
-    predict.load(tmp_path / "wd", model_variant=VARIANT, vqvae=assets["vqvae"])
+  with pytest.raises(inference.InferenceError, match="LoRA params but no LoRA settings"):
+    inference.load(tmp_path / "wd", model_variant=VARIANT, vqvae=assets["vqvae"])
   # `convert export` writes the same merged params as a big_vision .npz.
   from big_vision_cxr import convert
   spec = str(pathlib.Path(__file__).parents[1] / "configs" / "cxr_mix.py") + ":demo,lora"
@@ -360,11 +357,14 @@ def test_a_failing_image_in_a_batch_is_isolated(tmp_path):
 def test_config_preprocessing_is_used(runner):
   """With a training config, images go through its pp_image string (here: the same ops)."""
   import dataclasses
+  from big_vision_cxr.pp import ops_image
+  from big_vision_cxr.pp.builder import PPError
   image = phantom.generate(5, size=100).image
+  default = ops_image.model_input_fn("", 64)(image)
   with_pp = dataclasses.replace(runner.loaded, pp_image="decode|resize(64)|value_range(-1, 1)")
-  np.testing.assert_array_equal(with_pp.model_input(image), predict.model_input(image, 64))
+  np.testing.assert_array_equal(with_pp.model_input(image), default)
   antialiased = dataclasses.replace(runner.loaded, pp_image="decode|resize(64, antialias=True)|value_range(-1, 1)")
-  assert not np.array_equal(antialiased.model_input(image), predict.model_input(image, 64))
+  assert not np.array_equal(antialiased.model_input(image), default)
   wrong = dataclasses.replace(runner.loaded, pp_image="decode|resize(32)|value_range(-1, 1)")
-  with pytest.raises(predict.PredictError, match="gives images of shape"):
+  with pytest.raises(PPError, match="gives images of shape"):
     wrong.model_input(image)

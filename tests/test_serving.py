@@ -7,7 +7,7 @@ import pytest
 
 from big_vision_cxr import decode
 from big_vision_cxr import npz
-from big_vision_cxr import predict
+from big_vision_cxr import inference
 from big_vision_cxr import serving
 from big_vision_cxr.data import phantom
 from big_vision_cxr.models import paligemma
@@ -33,7 +33,7 @@ def exported(tmp_path_factory):
   processor = transformers.PaliGemmaProcessor.from_pretrained(folder / "hf")
   model = transformers.PaliGemmaForConditionalGeneration.from_pretrained(
       folder / "hf", attn_implementation="eager").eval()
-  loaded = predict.load(folder / "model.npz", model_variant=VARIANT, with_vqvae=False)
+  loaded = inference.load(folder / "model.npz", model_variant=VARIANT, with_vqvae=False)
   return dict(dir=folder / "hf", processor=processor, model=model, loaded=loaded)
 
 
@@ -60,7 +60,7 @@ def test_transformers_greedy_tokens_equal_ours(exported):
   predictor = decode.Predictor(loaded.model, loaded.tokenizer, max_decode_len=NEW_TOKENS)
   distinct = set()
   for i, prompt in enumerate(PROMPTS):
-    x = predict.model_input(phantom.generate(i, size=200).image, loaded.image_size)  # [64, 64, 3]
+    x = loaded.model_input(phantom.generate(i, size=200).image)  # [64, 64, 3]
     ours = predictor.generate(loaded.params, x[None], [prompt])[0]
     # The same pixels for HF: the image is already at the model's size, so its resize is a no-op.
     rgb = np.round((x + 1) * 127.5).astype(np.uint8)

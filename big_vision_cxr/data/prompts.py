@@ -50,3 +50,13 @@ def all_prefixes(class_names):
   """Every fixed prefix (for tokenizer corpora and evaluators)."""
   return (DIAGNOSIS_PREFIX, *CLOSED_QUESTIONS, *OPEN_QUESTIONS, REPORT_PREFIX,
           detect_prefix(class_names), segment_prefix(class_names))
+
+
+def task_prompts(class_names):
+  """{task: prefix} as training asks, with 'vqa' the list of questions; no object
+  prompts when there are no class names."""
+  out = dict(diagnosis=DIAGNOSIS_PREFIX, vqa=[*CLOSED_QUESTIONS, *OPEN_QUESTIONS],
+             report=REPORT_PREFIX)
+  if class_names:
+    out.update(detection=detect_prefix(class_names), segmentation=segment_prefix(class_names))
+  return out
