@@ -5,7 +5,7 @@ python -m bench.train_bench [--quick] [--json PATH] [--configs tiny,bench_100m]
 One step = forward + backward + optimizer update on the same model (our params converted
 to HF with `hf_interop.save_hf`), the same batch and the same frozen set (the paper's
 recipe: SigLIP and the projection frozen, the LLM trained), float32 on both sides:
-  ours  train.make_update_fn: the loss of facts §2.6, global-norm clip 1.0, Adam +
+  ours  train.make_update_fn: the suffix token cross-entropy, global-norm clip 1.0, Adam +
         decoupled weight decay (big_vision chain, equal to AdamW), jitted, state donated.
   HF    PaliGemmaForConditionalGeneration forward, the same loss on its logits,
         backward, clip_grad_norm_(1.0), torch.optim.AdamW; vision tower and projector
@@ -27,6 +27,7 @@ from bench import common
 from bench import model_bench
 from big_vision_cxr import optim
 from big_vision_cxr import train
+from big_vision_cxr.models import common as model_common
 from big_vision_cxr.models import paligemma as pg
 
 PREFIX_LEN, SUFFIX_LEN = 16, 48  # text tokens after the image tokens: prompt block + causal answer
@@ -66,7 +67,7 @@ class Ours:
 
   def __init__(self, variant, params, batch):
     config = recipe_config(variant, batch)
-    model = train.build_model(config)
+    model = model_common.build_model(config)
     tx, plan, sched_fns = optim.make(config, params, total_steps=1000)
     mask = optim.trainable_mask(plan, params)
     loss_fn = train.make_loss_fn(model, config, mask, None)

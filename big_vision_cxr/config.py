@@ -11,10 +11,10 @@ import pathlib
 
 import ml_collections
 
-TASKS = ("diagnosis", "vqa", "report", "detection", "segmentation")
+from big_vision_cxr import errors
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.Error):
   """A config file, override or field value that cannot be used; names the field."""
 
 
@@ -169,14 +169,18 @@ def _validate_pp(config):
 
 def validate(config):
   """Checks that need no devices or params: duration, names of models, evaluators, tasks."""
-  from big_vision_cxr.registry import EVALUATORS, MODELS  # pylint: disable=g-import-not-at-top
+  from big_vision_cxr.models import common as model_common  # pylint: disable=g-import-not-at-top
+  from big_vision_cxr.registry import EVALUATORS  # pylint: disable=g-import-not-at-top
   count_duration(config)
   if not isinstance(config.get("input", {}).get("batch_size"), int) or config.input.batch_size < 1:
     raise ConfigError(f"config.input.batch_size must be a positive int, got "
                       f"{config.get('input', {}).get('batch_size')!r}.")
+  log_every = config.get("log_training_steps", 10)
+  if not isinstance(log_every, int) or isinstance(log_every, bool) or log_every < 1:
+    raise ConfigError(f"config.log_training_steps must be a positive int, got {log_every!r}.")
   if config.get("microbatches", 1) < 1:
     raise ConfigError(f"config.microbatches must be >= 1, got {config.microbatches}.")
-  MODELS.get(config.model_name)
+  model_common.model_module(config.model_name)
   for name, ev in (config.get("evals") or {}).items():
     if "type" not in ev:
       raise ConfigError(f"config.evals.{name} has no 'type'.")

@@ -341,18 +341,17 @@ def training(config, *, batch_size, seed, tokenizer, process_index=0, process_co
                        process_count=process_count)
 
 
-def evaluation(config, *, task, split, batch_size, tokenizer=None, seg_codec=None, process_index=0,
+def evaluation(config, *, task, split, batch_size, seg_codec=None, process_index=0,
                process_count=1, class_names=None, image_size=None):
   """Yields (batch, ground_truths) over every `task` example of `split`, in order.
 
   The batch holds 'image' [B, size, size, 3] f32 and 'valid' [B] bool; evaluators
-  prompt with the ground truths' prefixes (`tokenizer` is not used). Process p
+  prompt with the ground truths' prefixes. Process p
   takes examples p, p + P, ...; every process yields the same number of batches
   (multi-host jit needs it), padded by repeating an example with valid=False;
   `ground_truths` lists only the valid rows, which come first. seg_codec,
   class_names, image_size: as in `training`.
   """
-  del tokenizer  # evaluation batches carry no text
   if task not in prompts.TASKS:
     raise InputError(f"unknown task {task!r}; known: {prompts.TASKS}")
   seg_codec = _seg_codec(dict(_plain(config), tasks=(task,)), seg_codec)

@@ -50,7 +50,6 @@ DATA_SOURCES = Registry("data source", modules=(
 PP_OPS = Registry("preprocessing op", modules=(
     "big_vision_cxr.pp.ops_image",
     "big_vision_cxr.pp.ops_text",
-    "big_vision_cxr.pp.ops_general",
 ))
 EVALUATORS = Registry("evaluator", modules=(
     "big_vision_cxr.evaluators.diagnosis",

@@ -22,7 +22,8 @@ import os
 
 import ml_collections
 
-from big_vision_cxr.config import TASKS, parse_arg
+from big_vision_cxr.config import parse_arg
+from big_vision_cxr.data.prompts import TASKS
 
 _ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        "big_vision_cxr", "assets")

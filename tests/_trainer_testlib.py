@@ -71,7 +71,7 @@ def use_stand_in_batches(train_module, delay_s=0.0, nan_at=None):
   """Points train.py at StandInBatches (and no tokenizer or VQ-VAE)."""
   train_module.make_tokenizer = lambda config: None
   train_module.make_seg_codec = lambda config: None
-  train_module.make_train_iter = lambda config, tok, seg: StandInBatches(
+  train_module.make_train_iter = lambda config, tok, seg, *_, **__: StandInBatches(
       config.input.batch_size, config.seed, delay_s, nan_at)
 
 

@@ -315,7 +315,7 @@ def test_every_evaluator_runs_on_the_real_pipeline_and_predictor():
   for kind, task, kw in [("diagnosis", "diagnosis", {}), ("vqa", "vqa", {}), ("report", "report", {}),
                          ("detection", "detection", {}), ("segmentation", "segmentation", {"seg_codec": codec}),
                          ("perplexity", "report", {})]:
-    data = itertools.islice(input_pipeline.evaluation(cfg, task=task, split="test", batch_size=4, tokenizer=tok,
+    data = itertools.islice(input_pipeline.evaluation(cfg, task=task, split="test", batch_size=4,
                                                       seg_codec=codec), 2)
     ev = EVALUATORS.get(kind)(predictor, data, **kw)
     records = ev.predict(params)

@@ -54,22 +54,24 @@ def test_from_config_builds_each_evaluator_on_its_data(tmp_path, monkeypatch, mo
   kws = [kw for kw, _ in calls]
   assert [(kw["task"], kw["split"], kw["batch_size"]) for kw in kws] == [("detection", "test", 4),
                                                                          ("segmentation", "val", 8)]
-  assert all(kw["tokenizer"] is tok and kw["seg_codec"] is codec and "class_names" not in kw for kw in kws)
+  assert all(kw["seg_codec"] is codec and kw["class_names"] is None for kw in kws)
   # The detection evaluator got the pipeline's batches of test-split detection examples.
   batch, gts = next(iter(calls[0][1]))
   assert np.asarray(batch["image"]).shape == (4, 32, 32, 3)
   assert gts and {g["task"] for g in gts} == {"detection"}
 
 
-def test_from_config_passes_class_names_only_when_given(tmp_path, monkeypatch, model_and_tokenizer):
+def test_from_config_passes_class_names_and_image_size(tmp_path, monkeypatch, model_and_tokenizer):
   model, tok = model_and_tokenizer
   calls = _record_calls(monkeypatch, lambda config, **kw: iter(()))
   config = _config(tmp_path)
-  common.from_config(config, model, tok, None, class_names=("active tb", "latent tb"))
-  assert [kw["class_names"] for kw, _ in calls] == [("active tb", "latent tb")] * 2
+  common.from_config(config, model, tok, None, class_names=("active tb", "latent tb"),
+                     image_size=32)
+  assert [(kw["class_names"], kw["image_size"]) for kw, _ in calls] == [
+      (("active tb", "latent tb"), 32)] * 2
   calls.clear()
   evals = common.from_config(config, model, tok, None)
-  assert len(calls) == 2 and all("class_names" not in kw for kw, _ in calls)
+  assert len(calls) == 2 and all(kw["class_names"] is None for kw, _ in calls)
   assert isinstance(evals["seg"][0].seg_codec, seg_codec.SegCodec)  # without one: the evaluator's default
   config.evals = {}
   assert common.from_config(config, model, tok, None) == {}

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 
 import _trainer_testlib as lib
+from big_vision_cxr import losses
 from big_vision_cxr import optim
 from big_vision_cxr.config import ConfigError
 from big_vision_cxr import sharding
 from big_vision_cxr import train
+from big_vision_cxr.models import common as model_common
 
 
 @pytest.fixture
@@ -22,7 +24,7 @@ def stand_in(monkeypatch):
   monkeypatch.setattr(train, "make_seg_codec", lambda config: None)
 
   def use(**kw):
-    monkeypatch.setattr(train, "make_train_iter", lambda config, tok, seg: lib.StandInBatches(
+    monkeypatch.setattr(train, "make_train_iter", lambda config, tok, seg, *_, **__: lib.StandInBatches(
         config.input.batch_size, config.seed, **kw))
   use()
   return use
@@ -39,19 +41,19 @@ def test_per_example_loss_matches_manual_computation_with_label_smoothing():
   np.put_along_axis(dist, targets[..., None], 1 - ls, axis=-1)
   tok = -(dist * logp).sum(-1)
   expect = [(tok[0] * weights[0]).sum() / 2, 0.0]  # no suffix tokens -> 0, not NaN
-  got = train.per_example_loss(jnp.asarray(logits), targets, weights, ls)
+  got = losses.per_example_loss(jnp.asarray(logits), targets, weights, ls)
   np.testing.assert_allclose(got, expect, rtol=1e-5)
 
 
 def test_loc_soft_targets_sum_to_one_peak_at_target_and_are_one_hot_at_sigma_zero():
   targets = jnp.asarray([[10, 12, 20 + 0, 20 + 7]], jnp.int32)  # two text ids, loc bins 0 and 7
-  is_loc, q = train.loc_soft_targets(targets, 20, 8, 1.5)
+  is_loc, q = losses.loc_soft_targets(targets, 20, 8, 1.5)
   np.testing.assert_array_equal(is_loc, [[False, False, True, True]])
   np.testing.assert_allclose(q[0, 2:].sum(-1), [1.0, 1.0], rtol=1e-6)
   assert int(jnp.argmax(q[0, 2])) == 0 and int(jnp.argmax(q[0, 3])) == 7
   expect = np.exp(-0.5 * (np.arange(8) / 1.5) ** 2)
   np.testing.assert_allclose(q[0, 2], expect / expect.sum(), rtol=1e-5)
-  _, q0 = train.loc_soft_targets(targets, 20, 8, 0.0)
+  _, q0 = losses.loc_soft_targets(targets, 20, 8, 0.0)
   np.testing.assert_array_equal(q0[0, 2:], np.eye(8)[[0, 7]])
 
 
@@ -63,13 +65,13 @@ def test_loc_smoothing_changes_only_loc_tokens_and_is_plain_ce_at_sigma_zero():
   text_only = np.array([[1, 0, 0, 1], [1, 1, 0, 1]], np.int32)  # weights on non-loc tokens only
   for ls in (0.0, 0.1):
     np.testing.assert_allclose(
-        train.per_example_loss(logits, targets, text_only, ls, dict(loc, sigma_bins=3.0)),
-        train.per_example_loss(logits, targets, text_only, ls), rtol=1e-6)
+        losses.per_example_loss(logits, targets, text_only, ls, dict(loc, sigma_bins=3.0)),
+        losses.per_example_loss(logits, targets, text_only, ls), rtol=1e-6)
   ones = np.ones((2, 4), np.int32)
-  np.testing.assert_allclose(train.per_example_loss(logits, targets, ones, 0.0, loc),
-                             train.per_example_loss(logits, targets, ones), rtol=1e-6)
+  np.testing.assert_allclose(losses.per_example_loss(logits, targets, ones, 0.0, loc),
+                             losses.per_example_loss(logits, targets, ones), rtol=1e-6)
   far = np.array([[0, 1, 9, 2], [3, 4, 11, 0]], np.int32)  # ids 0-5: 6+ bins away at sigma 0.1
-  grads = jax.grad(lambda x: train.per_example_loss(x, far, ones, 0.0, dict(loc, sigma_bins=0.1)
+  grads = jax.grad(lambda x: losses.per_example_loss(x, far, ones, 0.0, dict(loc, sigma_bins=0.1)
                                                     ).sum())(logits)
   assert np.isfinite(np.asarray(grads)).all()  # no 0/0 from targets far from the loc range
   logp = np.asarray(jax.nn.log_softmax(logits))
@@ -77,13 +79,13 @@ def test_loc_smoothing_changes_only_loc_tokens_and_is_plain_ce_at_sigma_zero():
   q = np.exp(-0.5 * ((np.arange(6) - 3) / 2.0) ** 2)
   expect = -(q / q.sum() * logp[0, 2, 6:]).sum()
   np.testing.assert_allclose(
-      train.per_example_loss(logits, targets, only_loc, 0.0, dict(loc, sigma_bins=2.0)),
+      losses.per_example_loss(logits, targets, only_loc, 0.0, dict(loc, sigma_bins=2.0)),
       [expect, 0.0], rtol=1e-5)
 
 
 def test_gradient_accumulation_equals_full_batch():
   config = lib.tiny_config()
-  model = train.build_model(config)
+  model = model_common.build_model(config)
   params = train.init_params_fn(model, config, None)(jax.random.key(0))
   plan = optim.plan_params(config, params)
   mask = optim.trainable_mask(plan, params)
@@ -95,7 +97,8 @@ def test_gradient_accumulation_equals_full_batch():
   acc, per_acc = jax.jit(lambda p, b: train.accumulate_grads(loss_fn, p, b, jax.random.key(1), 4))(
       params, batch)
   np.testing.assert_allclose(per_acc, per_full, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), acc, full)
+  # Four partial sums in another order: f32 rounding of ~1e-7 on gradients of ~1e-4.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), acc, full)
   llm_norm = optax_norm(full["llm"])
   assert llm_norm > 0
   assert optax_norm(full["img"]) == 0.0  # frozen: stop_gradient, no gradient at all
@@ -107,7 +110,7 @@ def optax_norm(tree):
 
 def test_frozen_params_do_not_change_and_trained_ones_do(stand_in, tmp_path):
   config = lib.tiny_config(total_steps=3)
-  model = train.build_model(config)
+  model = model_common.build_model(config)
   before = jax.jit(train.init_params_fn(model, config, None))(
       jax.random.split(jax.random.key(config.seed))[0])
   summary = train.train(config, tmp_path)
@@ -122,7 +125,7 @@ def test_lora_trains_only_a_and_b(stand_in, tmp_path):
   config = lib.tiny_config(
       total_steps=3, lora=dict(rank=2, alpha=4.0, targets="llm/layers/(attn/.*|mlp/.*)"),
       schedule=[("lora/.*", dict(decay_type="constant")), (".*", None)])
-  model = train.build_model(config)
+  model = model_common.build_model(config)
   before = jax.device_get(jax.jit(train.init_params_fn(model, config, config.lora))(
       jax.random.split(jax.random.key(config.seed))[0]))
   summary = train.train(config, tmp_path)
@@ -222,7 +225,7 @@ def test_single_task_runs_with_its_evaluator_and_baseline_table(tmp_path, capsys
 def test_model_init_loads_the_npz_and_frozen_params_keep_its_values(stand_in, tmp_path):
   from big_vision_cxr import npz  # pylint: disable=g-import-not-at-top
   config = lib.tiny_config(total_steps=2)
-  model = train.build_model(config)
+  model = model_common.build_model(config)
   weights = jax.device_get(train.init_params_fn(model, config, None)(jax.random.key(7)))
   weights = jax.tree.map(lambda x: x + 0.5, weights)  # distinct from any fresh init
   npz.save_npz({"params": weights}, str(tmp_path / "init.npz"))
@@ -243,7 +246,7 @@ def _remat_config(llm, img):
 
 def _remat_policies(config):
   """The policies of the remat (jax.checkpoint) calls in the training gradient's jaxpr."""
-  model = train.build_model(config)
+  model = model_common.build_model(config)
   params = jax.eval_shape(train.init_params_fn(model, config, None), jax.random.key(0))
   loss_fn = train.make_loss_fn(model, config, jax.tree.map(lambda _: True, params), None)
   batch = next(lib.StandInBatches(8, 0))
@@ -256,7 +259,7 @@ def test_remat_reaches_both_towers_and_changes_neither_losses_nor_updates(stand_
   plain = _remat_config(llm=False, img=False)
   assert _remat_policies(remat) == {"None", str(jax.checkpoint_policies.dots_saveable)}
   assert _remat_policies(plain) == set()
-  before = jax.device_get(jax.jit(train.init_params_fn(train.build_model(plain), plain, None))(
+  before = jax.device_get(jax.jit(train.init_params_fn(model_common.build_model(plain), plain, None))(
       jax.random.split(jax.random.key(plain.seed))[0]))
   runs = {name: train.train(cfg, tmp_path / name) for name, cfg in (("remat", remat),
                                                                      ("plain", plain))}

@@ -175,24 +175,24 @@ def generate(predictor, params, batch, gts):
   return predictor.generate(params, np.asarray(batch["image"])[:n], [g["prefix"] for g in gts])
 
 
-def from_config(config, model, tokenizer, seg_codec, *, class_names=None):
+def from_config(config, model, tokenizer, seg_codec, *, class_names=None, image_size=None):
   """{name: (evaluator, every_n_steps)} from config.evals (docs/EVALUATION.md).
 
-  Each evaluator's data is `input_pipeline.evaluation` on config.input (with
-  `class_names` when given); every_n_steps 0 or None: only at the end of training.
+  Each evaluator's data is `input_pipeline.evaluation` on config.input, prompted
+  with `class_names` (None: the data's) and checked against the model's
+  `image_size`; every_n_steps 0 or None: only at the end of training.
   """
   if not config.get("evals"):
     return {}
   from big_vision_cxr import decode  # pylint: disable=g-import-not-at-top
   from big_vision_cxr import input_pipeline  # pylint: disable=g-import-not-at-top
-  data_kw = {} if class_names is None else {"class_names": class_names}
   out = {}
   for name, ev in config.evals.items():
     ev = ev.to_dict()
     predictor = decode.Predictor(model, tokenizer, **ev.pop("pred_kw", {}))
     data = input_pipeline.evaluation(config.input, task=ev.pop("task"), split=ev.pop("split"),
-                                     batch_size=ev.pop("batch_size", 8), tokenizer=tokenizer,
-                                     seg_codec=seg_codec, **data_kw)
+                                     batch_size=ev.pop("batch_size", 8), seg_codec=seg_codec,
+                                     class_names=class_names, image_size=image_size)
     every = ev.pop("log_steps", None)
     kind = ev.pop("type")
     if kind == "segmentation" and seg_codec is not None:
