@@ -12,6 +12,7 @@ import re
 
 import numpy as np
 
+from big_vision_cxr import errors
 from big_vision_cxr.tokenizer import NUM_LOC, NUM_SEG
 
 SEGS_PER_MASK = 16
@@ -20,7 +21,7 @@ SEPARATOR = " ; "
 _MARKER = re.compile(r"<loc(\d{4})>|<seg(\d{3})>")
 
 
-class LocCodecError(ValueError):
+class LocCodecError(errors.Error):
   """A box or token sequence given to the encoder is malformed."""
 
 

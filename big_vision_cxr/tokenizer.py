@@ -23,6 +23,9 @@ import tempfile
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb
 
+from big_vision_cxr import atomic
+from big_vision_cxr import errors
+
 NUM_LOC = 1024
 NUM_SEG = 128
 DEMO_TOKENIZER = pathlib.Path(__file__).parent / "assets" / "cxr_demo_spm.model"
@@ -31,7 +34,7 @@ SEP = "\n"
 _LOC_OR_SEG = re.compile(r"^<(loc\d{4}|seg\d{3})>$")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(errors.Error):
   """A tokenizer file or argument that does not fit the PaliGemma layout."""
 
 
@@ -147,22 +150,6 @@ class Tokenizer:
     return self._sp.serialized_model_proto()
 
 
-def _atomic_write(path, blob):
-  path = os.fspath(path)
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_" + os.path.basename(path))
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(blob)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
-
-
 def train(lines, out_path, vocab_size=1000, model_type="bpe"):
   """Trains a small SentencePiece model on `lines` and writes it to `out_path`.
 
@@ -197,11 +184,11 @@ def train(lines, out_path, vocab_size=1000, model_type="bpe"):
   proto = sp_pb.ModelProto()
   proto.ParseFromString(model.read())
   blob, _ = _with_extra_pieces(proto, "freshly trained model")
-  _atomic_write(out_path, blob)
+  atomic.write_bytes(out_path, blob)
   return Tokenizer(out_path)
 
 
-def main(argv=None):
+def run(argv):
   parser = argparse.ArgumentParser(prog="python -m big_vision_cxr.tokenizer", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
@@ -214,15 +201,17 @@ def main(argv=None):
   try:
     with open(args.corpus, encoding="utf-8") as f:
       lines = f.read().splitlines()
-  except (OSError, UnicodeDecodeError) as e:
-    raise SystemExit(f"Cannot read corpus {args.corpus!r}: {e}")
-  try:
-    tok = train(lines, args.out, vocab_size=args.vocab_size, model_type=args.model_type)
-  except TokenizerError as e:
-    raise SystemExit(str(e))
+  except UnicodeDecodeError as e:
+    raise TokenizerError(f"corpus {args.corpus}: not UTF-8 text ({e}).") from e
+  tok = train(lines, args.out, vocab_size=args.vocab_size, model_type=args.model_type)
   print(f"Wrote {args.out}: base_size={tok.base_size} vocab_size={tok.vocab_size} sep_id={tok.sep_id}",
         file=sys.stderr)
+  return 0
+
+
+def main(argv=None):
+  return errors.cli_main(run, argv)
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -20,6 +20,7 @@ written atomically in the official vae-oid.npz PyTorch key layout.
 import argparse
 import dataclasses
 import json
+import sys
 import time
 
 import jax
@@ -27,9 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from big_vision_cxr import loc_codec, seg_codec
+from big_vision_cxr import errors, loc_codec, seg_codec
 from big_vision_cxr.data import phantom, records, splits
 from big_vision_cxr.models import vqvae
+
+
+class VQVAETrainError(errors.Error):
+  """A train_vqvae argument, source or run that cannot be used."""
 
 
 def instance_masks(record):
@@ -82,10 +87,10 @@ def load_source(args, rng):
     path = args.source[4:]
     with np.load(path, allow_pickle=False) as f:
       if "masks" not in f.files:
-        raise ValueError(f"{path}: needs an array 'masks' [n, H, W]; has {f.files}.")
+        raise VQVAETrainError(f"{path}: needs an array 'masks' [n, H, W]; has {f.files}.")
       masks = f["masks"]
       if masks.ndim != 3:
-        raise ValueError(f"{path}: 'masks' must be [n, H, W], got shape {masks.shape}.")
+        raise VQVAETrainError(f"{path}: 'masks' must be [n, H, W], got shape {masks.shape}.")
       boxes = f["boxes"] if "boxes" in f.files else records.boxes_from_masks(masks > 0)
     return crops_from_masks(masks, boxes, rng, args.jitters), len(masks)
   if args.source.startswith("dataset:"):
@@ -93,11 +98,11 @@ def load_source(args, rng):
     try:
       cfg = json.loads(args.source[len("dataset:"):])
     except json.JSONDecodeError as e:
-      raise ValueError(f"--source dataset:JSON needs a JSON dataset config, got {args.source!r} ({e.msg}).") from e
+      raise VQVAETrainError(f"--source dataset:JSON needs a JSON dataset config, got {args.source!r} ({e.msg}).") from e
     recs, _ = input_pipeline.load_records("vqvae", cfg)
     recs = splits.apply([dataclasses.replace(r) for r in recs], seed=args.split_seed)
     return crops_from_records([r for r in recs if r.split == "train"], rng, args.jitters)
-  raise ValueError(f"--source must be 'phantom', 'npz:PATH' or 'dataset:JSON', got {args.source!r}.")
+  raise VQVAETrainError(f"--source must be 'phantom', 'npz:PATH' or 'dataset:JSON', got {args.source!r}.")
 
 
 def make_train_step(model, tx, beta):
@@ -142,7 +147,7 @@ def train(args):
   crops, n_masks = load_source(args, rng)
   print(f"data: {n_masks} masks -> {len(crops)} crops in {time.time() - t0:.1f}s", flush=True)
   if not len(crops):
-    raise ValueError(f"--source {args.source}: no masks to train on.")
+    raise VQVAETrainError(f"--source {args.source}: no masks to train on.")
   cfg = vqvae.Config(enc_widths=tuple(args.enc_widths), enc_res_width=args.enc_widths[-1],
                      code_dim=args.code_dim, dec_width=args.dec_width, dec_res_width=args.dec_width)
   model, params = vqvae.init(cfg, seed=args.seed)
@@ -157,6 +162,9 @@ def train(args):
     flip = rng.uniform(size=len(batch)) < 0.5
     batch = np.where(flip[:, None, None], batch[:, :, ::-1], batch)
     params, opt_state, loss, rec, idx, z = step(params, opt_state, batch)
+    if not np.isfinite(float(loss)):
+      raise VQVAETrainError(f"loss is {float(loss)} at step {i} (--lr {args.lr}); stopping "
+                            f"without writing {args.out}. Lower --lr.")
     usage += np.bincount(np.asarray(idx).reshape(-1), minlength=cfg.codebook_size)
     if i % args.log_every == 0 or i == args.steps:
       print(f"step {i}/{args.steps} loss {float(loss):.4f} rec {float(rec):.4f} "
@@ -198,8 +206,28 @@ def parse_args(argv=None):
   p.add_argument("--eval_images", type=int, default=40)
   p.add_argument("--log_every", type=int, default=250)
   p.add_argument("--seed", type=int, default=0)
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  for name in ("num_images", "image_size", "steps", "batch_size", "restart_every", "code_dim",
+               "dec_width", "eval_images", "log_every"):
+    if getattr(args, name) < 1:
+      raise VQVAETrainError(f"--{name} must be >= 1, got {getattr(args, name)}.")
+  if args.jitters < 0 or min(args.enc_widths) < 1:
+    raise VQVAETrainError(f"--jitters must be >= 0 and --enc_widths >= 1, got {args.jitters} and "
+                          f"{args.enc_widths}.")
+  for name in ("lr", "beta"):
+    if not np.isfinite(getattr(args, name)) or getattr(args, name) <= 0:
+      raise VQVAETrainError(f"--{name} must be a positive finite number, got {getattr(args, name)}.")
+  return args
+
+
+def run(argv):
+  train(parse_args(argv))
+  return 0
+
+
+def main(argv=None):
+  return errors.cli_main(run, argv)
 
 
 if __name__ == "__main__":
-  train(parse_args())
+  sys.exit(main())

@@ -3,13 +3,15 @@
     python -m tfds_builders.build --config tbx11k --manual_dir /data/tbx11k [--data_dir DIR]
 """
 import argparse
+import sys
 
 import tensorflow_datasets as tfds
 
+from big_vision_cxr import errors
 from tfds_builders import cxr_tb
 
 
-def main(argv=None):
+def run(argv):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", required=True, choices=[c.name for c in cxr_tb.CxrTb.BUILDER_CONFIGS])
   parser.add_argument("--manual_dir", default=None)
@@ -21,7 +23,12 @@ def main(argv=None):
   splits = ", ".join(f"{s}={i.num_examples}" for s, i in builder.info.splits.items())
   print(f"built {builder.data_dir}: {splits}; skipped {skipped['count']}, "
         f"listed but absent {skipped['absent_count']}")
+  return 0
+
+
+def main(argv=None):
+  return errors.cli_main(run, argv)
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -9,7 +9,6 @@ effusions, and the numbers 0-99. Deterministic: the same command writes the
 same file.
 """
 import argparse
-import pathlib
 import re
 
 import numpy as np
@@ -17,7 +16,7 @@ import numpy as np
 from big_vision_cxr import tokenizer
 from big_vision_cxr.data import curation, phantom, prompts, records
 
-DEFAULT_OUT = pathlib.Path(__file__).resolve().parents[1] / "assets" / "cxr_demo_spm.model"
+DEFAULT_OUT = tokenizer.DEMO_TOKENIZER
 _LOC_SEG = re.compile(r"<loc\d{4}>|<seg\d{3}>")
 # Common chest radiograph report vocabulary, so free-text hospital reports do not
 # fall back to bytes.
