@@ -7,7 +7,10 @@ replaced, not followed. Files get mode 0644 less the umask, as open() gives.
 """
 import contextlib
 import os
+import pathlib
 import tempfile
+
+from big_vision_cxr import errors
 
 
 def _umask():
@@ -42,3 +45,17 @@ def write_bytes(path, data):
 
 def write_text(path, text):
   write_bytes(path, text.encode("utf-8"))
+
+
+def writable_dir(path, what):
+  """Makes folder `path` and checks it takes files; an errors.Error names `what` otherwise."""
+  path = pathlib.Path(path)
+  if path.exists() and not path.is_dir():
+    raise errors.Error(f"{what} {path} is a file, not a folder.")
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    write_text(path / ".write_check", "")
+    (path / ".write_check").unlink()
+  except OSError as e:
+    raise errors.Error(f"{what} {path} is not writable: {e.strerror or e}.") from e
+  return path

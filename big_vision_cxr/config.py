@@ -4,7 +4,6 @@ A config file defines `get_config(arg: str | None) -> ml_collections.ConfigDict`
 the text after ':' and is parsed with `parse_arg` (big_vision style): `key=value,k2=v2`,
 or bare words (`demo`) that set a boolean to True.
 """
-import argparse
 import ast
 import importlib.util
 import pathlib
@@ -46,7 +45,12 @@ def load_config(spec):
   module_spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config file {path} has no get_config(arg) function.")
-  config = module.get_config(arg or None)
+  try:
+    config = module.get_config(arg or None)
+  except ConfigError:
+    raise
+  except (ValueError, TypeError, KeyError) as e:  # a config file's own checks of its args
+    raise ConfigError(f"config {spec}: {e}") from e
   if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigError(f"{path}:get_config must return an ml_collections.ConfigDict.")
   return config
@@ -108,7 +112,7 @@ def apply_override(config, dotted, text):
 
 def parse_flags(argv):
   """argv -> (config, workdir). Flags: --config FILE[:ARG], --workdir DIR, --config.a.b=V."""
-  parser = argparse.ArgumentParser(prog="python -m big_vision_cxr.train")
+  parser = errors.ArgumentParser(prog="python -m big_vision_cxr.train")
   parser.add_argument("--config", required=True, help="config file, e.g. configs/cxr_mix.py:demo")
   parser.add_argument("--workdir", default=None, help="checkpoints, metrics.jsonl, TensorBoard")
   flags, rest = parser.parse_known_args(argv)

@@ -71,7 +71,7 @@ def export(workdir, out, config=None, step=None, bf16=False):
 
 
 def run(argv):
-  parser = argparse.ArgumentParser(prog="python -m big_vision_cxr.convert", description=__doc__,
+  parser = errors.ArgumentParser(prog="python -m big_vision_cxr.convert", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
   a = sub.add_parser("hf2bv", help="HF save_pretrained directory -> big_vision .npz")

@@ -6,6 +6,7 @@ through `cli_main`, which prints such an error (and the OS errors a user can
 cause: a missing or unwritable path) as one line `error: <message>` and exits
 non-zero; `--debug` on the command line or BVCXR_DEBUG=1 shows the traceback.
 """
+import argparse
 import os
 import sys
 import traceback
@@ -17,6 +18,17 @@ class Error(ValueError):
 
 class CheckpointError(Error):
   """A checkpoint or weights file that cannot be written or restored."""
+
+
+class UsageError(Error):
+  """A command line that cannot be parsed."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse, but a usage error is a UsageError (one line) instead of usage text + exit."""
+
+  def error(self, message):
+    raise UsageError(f"{self.prog}: {message} (see --help)")
 
 
 def debug_requested(argv=None):

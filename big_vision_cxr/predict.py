@@ -98,19 +98,6 @@ def unique_ids(files):
   return ids
 
 
-def check_out_dir(out_dir):
-  """Makes `out_dir` and checks it takes files, before any model is loaded."""
-  out_dir = pathlib.Path(out_dir)
-  if out_dir.exists() and not out_dir.is_dir():
-    raise PredictError(f"--out {out_dir} is a file, not a folder.")
-  try:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(out_dir / ".write_check", "")
-    (out_dir / ".write_check").unlink()
-  except OSError as e:
-    raise PredictError(f"--out {out_dir} is not writable: {e.strerror or e}.") from e
-
-
 # ----------------------------------------------------------------------------
 # Outputs.
 
@@ -232,7 +219,7 @@ def predict_files(runner, files, out_dir, *, overlay=True, progress=True, log=No
 
 
 def parse_args(argv):
-  p = argparse.ArgumentParser(prog="python -m big_vision_cxr.predict", description=__doc__,
+  p = errors.ArgumentParser(prog="python -m big_vision_cxr.predict", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--checkpoint", required=True,
                  help="our orbax workdir (or workdir/checkpoints/STEP) or a big_vision .npz")
@@ -262,7 +249,7 @@ def run(argv):
   if args.batch_size < 1:
     raise PredictError(f"--batch_size must be >= 1, got {args.batch_size}.")
   inputs = collect_inputs(args.input)
-  check_out_dir(args.out)
+  atomic.writable_dir(args.out, "--out")  # before any model is loaded
   config = None
   if args.config:
     from big_vision_cxr import config as config_lib  # pylint: disable=import-outside-toplevel

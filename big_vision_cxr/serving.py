@@ -100,7 +100,7 @@ def export(checkpoint, out_dir, *, config=None, model_variant=None, tokenizer=No
 
 
 def run(argv):
-  parser = argparse.ArgumentParser(prog="python -m big_vision_cxr.serving", description=__doc__,
+  parser = errors.ArgumentParser(prog="python -m big_vision_cxr.serving", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--checkpoint", required=True, help="our orbax workdir or a .npz")
   parser.add_argument("--config", help="the training config (file.py:args); workdirs store their own")

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from big_vision_cxr import atomic
 from big_vision_cxr import checkpointing
 from big_vision_cxr import config as config_lib
 from big_vision_cxr import errors
@@ -201,6 +202,8 @@ def train(config, workdir):
   # ---- Config and mesh: everything that can be checked before compiling.
   workdir = pathlib.Path(workdir or config.get("workdir") or "workdir")
   config_lib.validate(config)
+  if jax.process_index() == 0:
+    atomic.writable_dir(workdir, "the workdir")
   model_cfg = model_common.model_config(config)
   sharding.maybe_initialize_distributed(config)
   mesh = sharding.create_mesh(config.get("mesh", [("data", -1)]))
@@ -268,8 +271,10 @@ def train(config, workdir):
   update = jax.jit(make_update_fn(loss_fn, tx, mask, config, sched_fns),
                    in_shardings=(state_sharding, sharding.batch_sharding(mesh), repl),
                    out_shardings=(state_sharding, repl), donate_argnums=(0,))
-  all_finite = jax.jit(lambda p: jnp.all(jnp.asarray(
-      [jnp.isfinite(x).all() for x in jax.tree.leaves(p)])))
+  # A checkpoint is good when its params are finite and give a finite loss on the batch
+  # they were trained on last (lr=1e30 gives finite params whose next loss is NaN).
+  healthy = jax.jit(lambda p, b: jnp.isfinite(loss_fn(p, b, rng_train)[0]) & jnp.all(
+      jnp.asarray([jnp.isfinite(x).all() for x in jax.tree.leaves(p)])))
 
   # ---- Evaluators: {name: (evaluator, every_n_steps)}; 0/None = at the end only.
   evaluators = eval_common.from_config(config, model, tokenizer, seg_codec,
@@ -314,7 +319,8 @@ def train(config, workdir):
   while step < total_steps:
     batch = next(train_iter)
     task_ids = np.asarray(batch["task_id"])
-    state, metrics = update(state, sharding.make_global_batch(batch, mesh), rng_train)
+    global_batch = sharding.make_global_batch(batch, mesh)
+    state, metrics = update(state, global_batch, rng_train)
     if pending is not None:
       check(pending)  # the previous step's loss, read while this step runs
     step += 1
@@ -338,11 +344,12 @@ def train(config, workdir):
       writer.write(step, new_evals)
     if (ckpt_every and step % ckpt_every == 0) or step == total_steps:
       check(pending)
-      if not bool(all_finite(state["params"])):
+      if not bool(healthy(state["params"], global_batch)):
+        ckpt.wait()
         last = ckpt.latest_step()
         raise NonFiniteLossError(
-            f"the parameters hold NaN/Inf at step {step} (the loss was still finite); not "
-            f"saving them. Last good checkpoint: "
+            f"the parameters after step {step} hold NaN/Inf or give a NaN/Inf loss; not saving "
+            f"them. Last good checkpoint: "
             f"{'none' if last is None else f'{ckpt.directory}/{last}'}. Lower config.lr.")
       ckpt.save(step, state, input_state=train_iter.get_state(), metrics=new_evals)
   if pending is not None:
@@ -365,7 +372,6 @@ def train(config, workdir):
     summary["table"] = rows
     print(text, flush=True)
     if jax.process_index() == 0:
-      from big_vision_cxr import atomic  # pylint: disable=g-import-not-at-top
       atomic.write_text(workdir / "final_metrics.json", json.dumps(
           {"step": step, "eval": eval_results,
            "table": [dict(task=t, metric=m, model=v, trivial=b) for t, m, v, b in rows]},

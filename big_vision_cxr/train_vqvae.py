@@ -17,7 +17,6 @@ codebook loss |sg(z) - e|^2 and beta * the commitment loss |z - sg(e)|^2
 restarted at random encoder outputs of the current batch. The checkpoint is
 written atomically in the official vae-oid.npz PyTorch key layout.
 """
-import argparse
 import dataclasses
 import json
 import sys
@@ -188,7 +187,7 @@ def train(args):
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p = errors.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--out", required=True)
   p.add_argument("--source", default="phantom")
   p.add_argument("--split_seed", type=int, default=0, help="dataset: patient split seed (train split used)")

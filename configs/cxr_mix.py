@@ -22,7 +22,7 @@ import os
 
 import ml_collections
 
-from big_vision_cxr.config import parse_arg
+from big_vision_cxr.config import ConfigError, parse_arg
 from big_vision_cxr.data.prompts import TASKS
 
 _ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -45,9 +45,9 @@ TABLE_METRICS = {"diagnosis": ("accuracy", "auc"), "vqa": ("closed/accuracy", "a
 def get_config(arg=None):
   arg = parse_arg(arg, task="", demo=False, demo_pt=False, lora=False, variant="")
   if arg.task and arg.task not in TASKS:
-    raise ValueError(f"configs/cxr_mix.py: task={arg.task!r} is not one of {TASKS}.")
+    raise ConfigError(f"configs/cxr_mix.py: task={arg.task!r} is not one of {TASKS}.")
   if arg.variant and (arg.demo or arg.demo_pt):
-    raise ValueError("configs/cxr_mix.py: variant= and demo/demo_pt exclude each other "
+    raise ConfigError("configs/cxr_mix.py: variant= and demo/demo_pt exclude each other "
                      "(the demo has its own tiny model).")
   tasks = (arg.task,) if arg.task else TASKS
   c = ml_collections.ConfigDict()

@@ -354,6 +354,34 @@ def test_a_failing_image_in_a_batch_is_isolated(tmp_path):
   assert FakeRunner.calls == [3, 1, 1, 1, 1]  # the failed batch of 3, its retries, then the last file
 
 
+class _EchoRunner:
+  """Stands in for inference.Runner: one empty result per image."""
+  batch_size = 2
+
+  def run(self, images):
+    return [dict(height=im.shape[0], width=im.shape[1]) for im in images]
+
+
+def test_long_names_and_symlinks_in_the_output_folder(tmp_path):
+  """A legal 254-byte output name works (the temporary name is short), and a symlink already
+  in the output folder is replaced, never written through."""
+  long_png = _save_png(tmp_path / "in" / ("a" * 250 + ".png"), np.full((40, 40), 9, np.uint8))
+  other = _save_png(tmp_path / "in" / "b.png", np.full((40, 40), 99, np.uint8))
+  out = tmp_path / "out"
+  out.mkdir()
+  victim = tmp_path / "victim.png"
+  victim.write_bytes(b"do not touch")
+  (out / "b.png").symlink_to(victim)
+  (out / "b.json").symlink_to(victim)
+  summary = predict.predict_files(_EchoRunner(), [long_png, other], out, progress=False)
+  assert not summary.failed and len(summary.done) == 2
+  assert (out / ("a" * 250 + ".json")).is_file() and (out / ("a" * 250 + ".png")).is_file()
+  assert victim.read_bytes() == b"do not touch"
+  assert not (out / "b.png").is_symlink() and not (out / "b.json").is_symlink()
+  assert json.loads((out / "b.json").read_text())["image_id"] == "b"
+  assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temp files
+
+
 def test_config_preprocessing_is_used(runner):
   """With a training config, images go through its pp_image string (here: the same ops)."""
   import dataclasses

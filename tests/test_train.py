@@ -159,6 +159,40 @@ def test_nan_loss_stops_with_step_tasks_and_last_checkpoint(stand_in, tmp_path):
   assert f"Last good checkpoint: {tmp_path.absolute()}/checkpoints/4." in msg
 
 
+def test_nan_checkpoint_lr_1e30_is_never_saved_and_the_named_one_is_good(stand_in, tmp_path):
+  """lr=1e30 gives finite params whose next loss is NaN: they must not become 'last good'."""
+  from big_vision_cxr import checkpointing  # pylint: disable=g-import-not-at-top
+  config = lib.tiny_config(total_steps=4, ckpt_steps=1, lr=1e30)  # step 1: warmup, lr 0
+  with pytest.raises(train.NonFiniteLossError) as e:
+    train.train(config, tmp_path)
+  msg = str(e.value)
+  bad = int(msg.split("parameters after step ")[1].split()[0])
+  good = int(msg.split(f"Last good checkpoint: {tmp_path.absolute()}/checkpoints/")[1].split(".")[0])
+  assert good == bad - 1 and "not saving them" in msg
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir())[-1] == good
+  params, step = checkpointing.restore_params(tmp_path)
+  assert step == good and all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+  model = model_common.build_model(config)
+  batch = next(lib.StandInBatches(8, 0))
+  mask = jax.tree.map(lambda _: True, params)
+  loss, _ = train.make_loss_fn(model, config, mask, None)(params, batch, jax.random.key(0))
+  assert np.isfinite(loss)  # resuming from it trains on
+
+
+def test_resume_keeps_one_metrics_row_per_step(stand_in, tmp_path):
+  """A crash after the last checkpoint: the steps logged since are dropped, then logged again."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  config = lib.tiny_config(total_steps=6, ckpt_steps=2)
+  train.train(config, tmp_path)
+  shutil.rmtree(tmp_path / "checkpoints" / "6")  # as if killed after step 6, before its save
+  before = lib.read_losses(tmp_path)
+  train.train(config, tmp_path)
+  steps = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()
+           if "loss" in json.loads(l)]
+  assert steps == [1, 2, 3, 4, 5, 6]
+  assert lib.read_losses(tmp_path) == pytest.approx(before, rel=1e-6)
+
+
 def test_config_that_cannot_fit_fails_before_compiling(stand_in, tmp_path, monkeypatch):
   compiled = []
   monkeypatch.setattr(train, "make_update_fn", lambda *a, **k: compiled.append(1))
