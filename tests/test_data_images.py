@@ -1,4 +1,6 @@
-"""Image reading: PNG grey/RGB/16-bit, DICOM windowing/MONOCHROME1, and clear errors."""
+"""Image reading: every PIL mode, PNG 16-bit, DICOM windowing/MONOCHROME1, and clear errors."""
+import warnings
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -152,3 +154,104 @@ def test_read_radiograph_errors_name_the_file(tmp_path):
   with pytest.raises(images.DataPathError, match="gone.png"):
     images.read_radiograph(tmp_path / "gone.png")
   assert images.MAX_PIXELS == 64_000_000 and images.MIN_SIDE == 32
+
+
+def set_raw_element(path, keyword, value):
+  """Rewrites one element's value bytes as `value`, as a writer that skips validation would."""
+  import struct
+  import pydicom
+  tag = pydicom.datadict.tag_for_keyword(keyword)
+  head = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + pydicom.datadict.dictionary_VR(tag).encode()
+  blob = path.read_bytes()
+  i = blob.index(head, 132)
+  n = struct.unpack("<H", blob[i + 6:i + 8])[0]
+  raw = value.encode() + b" " * (len(value) % 2)
+  path.write_bytes(blob[:i] + head + struct.pack("<H", len(raw)) + raw + blob[i + 8 + n:])
+  return path
+
+
+def write_dicom_with(path, pixels, keyword, value):
+  """A windowed, rescaled single-frame DICOM whose `keyword` holds the raw text `value`."""
+  import pydicom
+  write_dicom(path, pixels, window=(2048, 1024))
+  ds = pydicom.dcmread(path)
+  ds.RescaleSlope, ds.RescaleIntercept, ds.NumberOfFrames = 1, 0, 1
+  ds.save_as(path)
+  return set_raw_element(path, keyword, value)
+
+
+GREY = np.tile(np.linspace(0, 255, 48).round().astype(np.uint8), (40, 1))
+
+
+def test_cmyk_jpeg_reads_its_grey_from_k(tmp_path):
+  zeros, ink = Image.fromarray(np.zeros_like(GREY)), Image.fromarray(255 - GREY)
+  for name, bands in (("k.jpg", [zeros] * 3 + [ink]), ("cmy.jpg", [ink] * 3 + [zeros])):
+    Image.merge("CMYK", bands).save(tmp_path / name, quality=95)
+    assert Image.open(tmp_path / name).mode == "CMYK"
+    out = images.read_image(tmp_path / name)
+    assert out.shape == GREY.shape and np.abs(out.astype(int) - GREY).max() <= 3, name
+
+
+def _in_mode(mode):
+  """GREY as a PIL image of `mode` ('1': GREY thresholded at 128)."""
+  if mode == "1":
+    return Image.fromarray(GREY >= 128)
+  if mode in ("La", "RGBa"):
+    return Image.fromarray(GREY).convert(mode[:-1] + "A").convert(mode)
+  return Image.fromarray(GREY).convert(mode)
+
+
+@pytest.mark.parametrize("mode", Image.MODES)
+def test_every_pil_mode_gives_its_grey(tmp_path, mode):
+  im = _in_mode(mode)
+  want = np.where(GREY >= 128, 255, 0) if mode == "1" else GREY
+  for fmt in ("PNG", "TIFF"):  # through a file when a format keeps the mode
+    path = tmp_path / f"x.{fmt.lower()}"
+    try:
+      im.save(path, fmt)
+    except (OSError, ValueError, KeyError):
+      continue
+    if Image.open(path).mode == mode:
+      out = images.read_image(path)
+      break
+  else:  # a mode no file opens in (HSV, RGBX, La, ...): the conversion itself
+    out = images._to_uint8(images.pil_grey(im, "x"), "x")
+  assert out.dtype == np.uint8 and out.shape == GREY.shape
+  assert np.abs(out.astype(int) - want).max() <= (1 if mode == "LAB" else 0)
+
+
+def test_a_mode_without_a_grey_is_an_image_error_naming_file_and_mode():
+  class Fake:
+    mode = "BGR;24"
+  with pytest.raises(images.ImageError, match=r"scan.bmp: unsupported colour mode BGR;24"):
+    images.pil_grey(Fake(), "scan.bmp")
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")
+@pytest.mark.parametrize("keyword", ["WindowCenter", "WindowWidth", "RescaleSlope",
+                                     "RescaleIntercept", "NumberOfFrames"])
+def test_dicom_ds_non_numeric_field_is_an_image_error_naming_file_and_field(tmp_path, ramp, keyword):
+  bad = write_dicom_with(tmp_path / "bad.dcm", ramp, keyword, "abc")
+  for read in (images.read_image, images.read_radiograph):
+    with pytest.raises(images.ImageError, match=rf"bad.dcm: DICOM {keyword} 'abc' is not a finite number"):
+      read(bad)
+  good = write_dicom_with(tmp_path / "good.dcm", ramp, keyword, "1")
+  assert images.read_radiograph(good).shape == ramp.shape  # the next file still reads
+
+
+@pytest.mark.parametrize("keyword,value,message", [
+    ("WindowWidth", "nan", "WindowWidth 'nan' is not a finite number"),
+    ("WindowCenter", "inf", "WindowCenter 'inf' is not a finite number"),
+    ("RescaleSlope", "0", "RescaleSlope is 0"),
+])
+def test_dicom_ds_non_finite_or_zero_slope_is_an_image_error(tmp_path, ramp, keyword, value, message):
+  with pytest.raises(images.ImageError, match=f"bad.dcm: DICOM {message}"):
+    images.read_image(write_dicom_with(tmp_path / "bad.dcm", ramp, keyword, value))
+
+
+def test_dicom_window_of_width_1_is_a_threshold_without_dividing_by_zero(tmp_path, ramp):
+  path = write_dicom(tmp_path / "w1.dcm", ramp, window=(1000.5, 1))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", RuntimeWarning)
+    out = images.read_image(path)
+  np.testing.assert_array_equal(out, np.where(ramp > 1000, 255, 0))  # PS3.3 C.11.2.1.2.1

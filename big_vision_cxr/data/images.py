@@ -1,20 +1,25 @@
 """Reading radiographs: PNG/JPEG/TIFF (PIL) and DICOM (pydicom) -> uint8 [H, W].
 
-- Colour images whose channels are equal keep that grey; others are converted to
-  luma (ITU-R 601, PIL 'L').
-- More than 8 bits (16-bit PNG/TIFF, DICOM): DICOM applies the modality LUT,
-  then the VOI LUT or the first window (center/width, DICOM linear formula); with
-  neither, and for 16-bit PNG/TIFF, the image's own min..max is stretched to
-  0..255. MONOCHROME1 is inverted after that, so bright always means dense.
+- Every PIL mode (`pil_grey`): colour images whose channels are equal keep that
+  grey, others are converted to luma (ITU-R 601, PIL 'L'): YCbCr keeps its Y,
+  CMYK/HSV/LAB/palette go through RGB; alpha is ignored; '1' is 0/255.
+- More than 8 bits (16-bit PNG/TIFF, 32-bit int/float TIFF, DICOM): DICOM
+  applies the rescale (or modality LUT), then the VOI LUT or the first window
+  (center/width, DICOM linear formula); with neither, and for PIL, the image's
+  own min..max is stretched to 0..255. MONOCHROME1 is inverted after that, so
+  bright always means dense.
 - Errors name the file: `ImageError` for unreadable/unsupported content (no
-  pixel data, compressed DICOM without a decoder, multi-frame, corrupt PNG, over
-  MAX_PIXELS), `DataPathError` for a path escaping the dataset root, missing, or
-  too big.
+  pixel data, compressed DICOM without a decoder, multi-frame, corrupt PNG, a
+  colour mode or a numeric DICOM field that cannot give a grey, over
+  MAX_PIXELS; any other failure decoding one image), `DataPathError` for a path
+  escaping the dataset root, missing, or too big.
 - `read_radiograph` (inference) also refuses, from the header before decoding,
   images under MIN_SIDE pixels a side.
 """
+import collections.abc
 import concurrent.futures
 import logging
+import math
 import os
 import pathlib
 
@@ -120,16 +125,37 @@ def _to_uint8(arr, path):
 
 
 def _grey(arr, path):
-  """[H, W] or [H, W, C] -> [H, W]."""
+  """[H, W] or RGB [H, W, 3] -> [H, W]."""
   if arr.ndim == 2:
     return arr
-  if arr.ndim == 3 and arr.shape[-1] in (3, 4):
-    rgb = arr[..., :3]
-    if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]):
-      return rgb[..., 0]
+  if arr.ndim == 3 and arr.shape[-1] == 3:
+    if np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2]):
+      return arr[..., 0]
     w = np.array([0.299, 0.587, 0.114])
-    return np.round(rgb.astype(np.float64) @ w).astype(arr.dtype)
+    return np.round(arr.astype(np.float64) @ w).astype(arr.dtype)
   raise ImageError(f"{path}: unsupported pixel layout {arr.shape}")
+
+
+_FIRST_BAND = ("L", "LA", "La", "YCbCr")  # the grey is band 0 (YCbCr: Y, the ITU-R 601 luma)
+_NUMERIC = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")  # one band, stretched by _to_uint8
+_VIA_RGB = ("P", "PA", "RGB", "RGBA", "RGBX", "RGBa", "CMYK", "HSV", "LAB")
+
+
+def pil_grey(im, path):
+  """A PIL image of any mode -> [H, W] grey (uint8, or wider for _NUMERIC modes)."""
+  mode = im.mode
+  try:
+    if mode == "1":
+      return np.asarray(im, np.uint8) * 255
+    if mode in _NUMERIC:
+      return np.asarray(im)
+    if mode in _FIRST_BAND:  # La: alpha premultiplied, undone by LA
+      return np.asarray((im.convert("LA") if mode == "La" else im).getchannel(0))
+    if mode in _VIA_RGB:
+      return _grey(np.asarray(im if mode == "RGB" else im.convert("RGB")), path)
+  except ValueError as e:  # a conversion this Pillow lacks
+    raise ImageError(f"{path}: colour mode {mode} cannot be converted to grey: {e}") from e
+  raise ImageError(f"{path}: unsupported colour mode {mode}")
 
 
 def check_size(path, height, width, min_side=0):
@@ -150,32 +176,46 @@ def read_pil(source, name=None):
       check_size(path, im.height, im.width)
       if getattr(im, "n_frames", 1) > 1:
         raise ImageError(f"{path}: multi-frame images are not supported")
-      if im.mode in ("P", "PA", "LA"):
-        im = im.convert("L")
-      arr = np.asarray(im)
+      im.load()
+      arr = pil_grey(im, path)
   except ImageError:
     raise
   except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError...)
     raise ImageError(f"{path}: cannot decode image: {type(e).__name__}: {e}") from e
-  if arr.dtype == bool:
-    arr = arr.astype(np.uint8) * 255
-  return _to_uint8(_grey(arr, path), path)
+  return _to_uint8(arr, path)
 
 
-def _first(value):
+def _dicom_number(ds, keyword, path, default=None):
+  """The (first) value of a numeric DICOM element as a finite float; `default` when absent."""
   try:
-    return float(value[0])  # multi-valued: the first window
-  except TypeError:
-    return float(value)
+    value = ds[keyword].value if keyword in ds else None
+  except Exception as e:  # pydicom raises on a bad value in its strict reading mode
+    raise ImageError(f"{path}: DICOM {keyword}: {type(e).__name__}: {e}") from e
+  if isinstance(value, collections.abc.Sequence) and not isinstance(value, (str, bytes)):
+    value = value[0] if len(value) else None  # multi-valued: the first
+  if value is None or str(value).strip() == "":
+    return default
+  try:
+    number = float(value)
+  except (TypeError, ValueError):
+    number = math.nan
+  if not math.isfinite(number):
+    raise ImageError(f"{path}: DICOM {keyword} {value!r} is not a finite number")
+  return number
 
 
-def _window(arr, ds):
-  """The first VOI window (DICOM PS3.3 C.11.2.1.2 linear), to [0, 1]; None if absent."""
-  center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
-  if center is None or width is None or _first(width) < 1:
-    return None
-  c, w = _first(center), _first(width)
-  return np.clip((arr - (c - 0.5)) / (w - 1) + 0.5, 0, 1)
+def _dicom_lut(apply, arr, ds, path, keyword):
+  try:
+    return np.asarray(apply(arr, ds))
+  except Exception as e:  # a malformed LUT descriptor or data
+    raise ImageError(f"{path}: DICOM {keyword} cannot be applied: {type(e).__name__}: {e}") from e
+
+
+def _window(arr, center, width):
+  """A VOI window (DICOM PS3.3 C.11.2.1.2.1 linear; width >= 1) of `arr`, to [0, 1]."""
+  if width == 1:  # the formula's limit: a threshold
+    return (arr > center - 0.5).astype(np.float64)
+  return np.clip((arr - (center - 0.5)) / (width - 1) + 0.5, 0, 1)
 
 
 def _read_dicom(path):
@@ -187,29 +227,42 @@ def _read_dicom(path):
     raise ImageError(f"{path}: not a readable DICOM file: {type(e).__name__}: {e}") from e
   if "PixelData" not in ds:
     raise ImageError(f"{path}: DICOM has no pixel data (PixelData element missing)")
-  if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-    raise ImageError(f"{path}: multi-frame DICOM ({ds.NumberOfFrames} frames) is not supported")
+  frames = _dicom_number(ds, "NumberOfFrames", path, default=1)
+  if frames > 1:
+    raise ImageError(f"{path}: multi-frame DICOM ({frames:g} frames) is not supported")
   check_size(path, int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0))
+  photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+  colour = photometric.startswith("RGB") or photometric.startswith("YBR")
+  if photometric not in ("MONOCHROME1", "MONOCHROME2") and not colour:
+    raise ImageError(f"{path}: unsupported PhotometricInterpretation {photometric}")
+  if not colour:  # the numbers of the grey pipeline, checked before decoding
+    slope = _dicom_number(ds, "RescaleSlope", path, default=1.0)
+    intercept = _dicom_number(ds, "RescaleIntercept", path, default=0.0)
+    if slope == 0:
+      raise ImageError(f"{path}: DICOM RescaleSlope is 0: every pixel would be {intercept:g}")
+    center = _dicom_number(ds, "WindowCenter", path)
+    width = _dicom_number(ds, "WindowWidth", path)
   try:
-    arr = ds.pixel_array
+    arr = np.asarray(ds.pixel_array)
   except Exception as e:  # missing decoder for a compressed transfer syntax, truncated data...
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
     raise ImageError(f"{path}: cannot decode DICOM pixel data (transfer syntax {syntax}; "
                      f"a compressed syntax needs e.g. pylibjpeg or gdcm): {type(e).__name__}: {e}") from e
-  photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-  if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-    if photometric.startswith("RGB") or photometric.startswith("YBR"):
-      return _to_uint8(_grey(np.asarray(arr), path), path)
-    raise ImageError(f"{path}: unsupported PhotometricInterpretation {photometric}")
-  if np.asarray(arr).ndim != 2:
-    raise ImageError(f"{path}: expected a 2-D greyscale frame, got shape {np.asarray(arr).shape}")
-  modality = np.asarray(apply_modality_lut(arr, ds))
-  window = _window(modality.astype(np.float64), ds)
-  if window is not None:
-    out = np.round(window * 255).astype(np.uint8)
+  if colour:  # pydicom gives YBR as RGB
+    return _to_uint8(_grey(arr, path), path)
+  if arr.ndim != 2:
+    raise ImageError(f"{path}: expected a 2-D greyscale frame, got shape {arr.shape}")
+  if "ModalityLUTSequence" in ds:
+    modality = _dicom_lut(apply_modality_lut, arr, ds, path, "ModalityLUTSequence")
+  elif (slope, intercept) != (1, 0):
+    modality = arr.astype(np.float64) * slope + intercept
+  else:
+    modality = arr
+  if center is not None and width is not None and width >= 1:  # else: no (valid) window
+    out = np.round(_window(modality.astype(np.float64), center, width) * 255).astype(np.uint8)
   elif "VOILUTSequence" in ds:  # LUT lookup needs integer input
     lut_in = modality if modality.dtype.kind in "iu" else np.round(modality).astype(np.int64)
-    out = _to_uint8(apply_voi_lut(lut_in, ds), path)
+    out = _to_uint8(_dicom_lut(apply_voi_lut, lut_in, ds, path, "VOILUTSequence"), path)
   else:
     out = _to_uint8(modality, path)
   if photometric == "MONOCHROME1":
@@ -256,7 +309,12 @@ def read_image(path, *, root=None, max_bytes=MAX_BYTES):
       raise DataPathError(f"file not found: {path}")
     if os.path.getsize(path) > max_bytes:
       raise DataPathError(f"file {path} is over the limit of {max_bytes} bytes")
-  image = _read_dicom(path) if is_dicom(path) else read_pil(path)
+  try:
+    image = _read_dicom(path) if is_dicom(path) else read_pil(path)
+  except errors.Error:
+    raise
+  except Exception as e:  # one bad image is that image's error, never the whole read's
+    raise ImageError(f"{path}: cannot read the image: {type(e).__name__}: {e}") from e
   if image.ndim != 2 or min(image.shape) < 1:
     raise ImageError(f"{path}: empty image {image.shape}")
   return np.ascontiguousarray(image)
