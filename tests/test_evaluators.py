@@ -180,8 +180,10 @@ def test_segmentation_fixed_file():
 def test_segmentation_names_the_record_of_a_malformed_mask():
   recs = _load("segmentation")
   recs[3]["gt"]["mask_rle"][0] = {"counts": "x"}
-  with pytest.raises(common.EvalError, match=r"record 3: a mask is not a COCO RLE"):
+  with pytest.raises(common.EvalError, match=r"preds_segmentation.jsonl:4: field gt.mask_rle\[0\]: must be a COCO RLE"):
     segmentation.Evaluator.compute_metrics(recs)
+  with pytest.raises(common.EvalError, match=r"segmentation record 3 \(image_id='s4'\): field gt.mask_rle\[0\]"):
+    segmentation.Evaluator.compute_metrics(list(recs))
 
 
 def test_perplexity_fixed_file():

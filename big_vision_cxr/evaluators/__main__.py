@@ -2,7 +2,8 @@
 
   python -m big_vision_cxr.evaluators --type detection --predictions preds.jsonl [--json out.json]
 
-Prints one `metric  value` line per metric; record formats in docs/EVALUATION.md.
+Prints one `metric  value` line per metric; record formats in docs/EVALUATION.md,
+checked by schema.py: a malformed file or record is one `error: FILE:LINE: ...` line.
 """
 import argparse
 import sys
@@ -25,7 +26,7 @@ def main(argv=None):
   try:
     cls = EVALUATORS.get(args.type)
   except KeyError as e:
-    p.error(str(e))
+    raise common.EvalError(f"--type: {e.args[0]}") from None
   kw = {k: v for k, v in (("score_rule", args.score_rule), ("vqvae", args.vqvae)) if v}
   metrics = cls.compute_metrics(common.read_jsonl(args.predictions), **kw)
   width = max(map(len, metrics), default=0)

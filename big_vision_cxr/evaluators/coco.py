@@ -114,11 +114,10 @@ def coco_ap(images, iou_type="bbox"):
   return out
 
 
-def predicted_objects(record, index, *, require_seg=False):
+def predicted_objects(record, *, require_seg=False):
   """A record's predicted objects ([dict(bbox, label, scores, ...)], n_invalid)."""
   if record.get("objects") is not None:
-    return record["objects"], int(record.get("n_invalid", 0))
-  common.require(record, ("prediction",), index, "detection/segmentation")
+    return record["objects"], record.get("n_invalid") or 0
   parsed = loc_codec.parse_objects(record["prediction"], require_seg=require_seg)
   objs = [dict(bbox=o.box.tolist(), label=o.name, seg_ids=None if o.seg_ids is None else o.seg_ids.tolist(),
                scores={}) for o in parsed.objects]
@@ -137,6 +136,8 @@ def score_of(obj, rule, index):
 
 def score_rules(records, score_rule):
   """The rules to report: the chosen one (if every object has scores) and 'ones'."""
+  if score_rule not in confidence.BOX_SCORE_RULES:
+    raise common.EvalError(f"unknown score_rule {score_rule!r}; known: {list(confidence.BOX_SCORE_RULES)}.")
   has_scores = all(o.get("scores") for r in records for o in (r.get("objects") or []))
   has_objects = all(r.get("objects") is not None for r in records)
   return ("ones",) if score_rule == "ones" or not (has_scores and has_objects) else (score_rule, "ones")

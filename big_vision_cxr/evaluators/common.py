@@ -2,9 +2,10 @@
 
 Every evaluator has a pure `compute_metrics(records, **kw) -> dict[str, float]`
 on prediction records (one JSON object per line in a predictions file, formats
-in docs/EVALUATION.md) and a class that makes those records with a
-`decode.Predictor` on eval batches, so the same numbers come out inside training
-(`from_config`) and standalone (`python -m big_vision_cxr.evaluators`, __main__.py).
+in docs/EVALUATION.md, checked by `validate` with schema.py before any metric)
+and a class that makes those records with a `decode.Predictor` on eval batches,
+so the same numbers come out inside training (`from_config`) and standalone
+(`python -m big_vision_cxr.evaluators`, __main__.py).
 """
 import collections
 import json
@@ -14,6 +15,7 @@ import numpy as np
 
 from big_vision_cxr import atomic
 from big_vision_cxr import errors
+from big_vision_cxr.evaluators import schema
 from big_vision_cxr.registry import EVALUATORS
 
 
@@ -21,31 +23,55 @@ class EvalError(errors.Error):
   """A prediction record or evaluator argument is malformed."""
 
 
-def require(record, keys, index, what):
-  """Raises EvalError naming the record and the missing fields."""
-  missing = [k for k in keys if k not in record]
-  if missing:
-    raise EvalError(f"{what} record {index} (image_id={record.get('image_id')!r}) lacks {missing}.")
+class Records(list):
+  """Records read from a file: `where[i]` is 'path:line' of record i."""
+
+  def __init__(self, records, where):
+    super().__init__(records)
+    self.where = where
 
 
 def read_jsonl(path):
-  """A predictions file -> list of dict; errors name the file and line."""
-  out = []
+  """A predictions file -> Records; errors name the file and line.
+
+  The records' fields are checked later, by `validate`, which names the line.
+  """
+  records, where = [], []
   try:
-    with open(path, encoding="utf-8") as f:
-      for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+      for n, raw in enumerate(f, 1):
+        try:
+          line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+          raise EvalError(f"{path}:{n}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}).") from e
         if not line.strip():
           continue
         try:
           rec = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise EvalError(f"{path}:{n}: not valid JSON ({e.msg}).") from e
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, too many digits, too deep
+          raise EvalError(f"{path}:{n}: not valid JSON ({getattr(e, 'msg', e)}).") from e
         if not isinstance(rec, dict):
           raise EvalError(f"{path}:{n}: each line must be a JSON object, got {type(rec).__name__}.")
-        out.append(rec)
+        records.append(rec)
+        where.append(f"{path}:{n}")
   except OSError as e:
     raise EvalError(f"cannot read predictions file {path}: {e.strerror}.") from e
-  return out
+  if not records:
+    raise EvalError(f"{path}: no records (the file is empty or blank).")
+  return Records(records, where)
+
+
+def validate(kind, records):
+  """Checks every record against `kind`'s format (schema.py); the error names record and field."""
+  for i, r in enumerate(records):
+    try:
+      schema.check(kind, r)
+    except schema.FieldError as e:
+      if isinstance(records, Records):
+        at = records.where[i]
+      else:
+        at = f"{kind} record {i}" + (f" (image_id={r.get('image_id')!r})" if isinstance(r, dict) else "")
+      raise EvalError(f"{at}: {e}") from e
 
 
 def _json_default(x):
@@ -119,7 +145,7 @@ class Evaluator:
   one-shot iterator is kept in memory after its first pass so that `run` can be
   called at every evaluation step. outfile: optional JSONL of the records.
   """
-  name = None
+  name = None  # the registered type, whose record format schema.py checks
 
   def __init__(self, predictor, data, *, outfile=None, **metric_kw):
     self.predictor = predictor
@@ -147,15 +173,23 @@ class Evaluator:
         records += self.predict_batch(params, batch, list(gts))
     return records
 
-  metric_fn = None  # records -> metrics, for evaluators whose metrics take no options
+  metric_fn = None  # (records, **options) -> metrics
+  options = ()  # the names of the options compute_metrics takes
 
   @classmethod
-  def compute_metrics(cls, records, **kw):
-    """`metric_fn` over all records plus per source; override where metrics take options."""
-    if kw:
-      name = cls.__module__.rsplit(".", 1)[-1]
-      raise EvalError(f"{name} metrics take no options, got {sorted(kw)}.")
-    return {**cls.metric_fn(records), **by_source(records, cls.metric_fn)}
+  def compute_metrics(cls, records, **options):
+    """Checks the options and every record (schema.py), then `metrics`."""
+    unknown = sorted(set(options) - set(cls.options))
+    if unknown:
+      takes = f"take only {list(cls.options)}" if cls.options else "take no options"
+      raise EvalError(f"{cls.name} metrics {takes}, got {unknown}.")
+    validate(cls.name, records)
+    return cls.metrics(records, **options)
+
+  @classmethod
+  def metrics(cls, records, **options):
+    """`metric_fn` over all (valid) records plus per source."""
+    return {**cls.metric_fn(records, **options), **by_source(records, cls.metric_fn, **options)}
 
   def run(self, params):
     records = self.predict(params)

@@ -22,17 +22,8 @@ from big_vision_cxr.evaluators import common
 from big_vision_cxr.registry import EVALUATORS
 
 
-def _check_gt(record, index):
-  common.require(record, ("gt", "height", "width"), index, "detection")
-  gt = record["gt"]
-  if not isinstance(gt, dict) or len(gt.get("bbox", [])) != len(gt.get("label", [])):
-    raise common.EvalError(f"record {index} (image_id={record.get('image_id')!r}): gt must be "
-                           "{bbox: [[y_min, x_min, y_max, x_max]...], label: [...]} of equal lengths.")
-  return gt
-
-
 def _metrics(records, score_rule=coco.DEFAULT_SCORE_RULE):
-  parsed = [coco.predicted_objects(r, i) for i, r in enumerate(records)]
+  parsed = [coco.predicted_objects(r) for r in records]
   n_valid = sum(len(objs) for objs, _ in parsed)
   n_invalid = sum(n for _, n in parsed)
   out = {"n_images": float(len(records)), "n_gt": 0.0, "n_pred": float(n_valid),
@@ -40,7 +31,7 @@ def _metrics(records, score_rule=coco.DEFAULT_SCORE_RULE):
   for rule in coco.score_rules(records, score_rule):
     images = []
     for i, (r, (objs, _)) in enumerate(zip(records, parsed)):
-      gt = _check_gt(r, i)
+      gt = r["gt"]
       h, w = r["height"], r["width"]
       gts = [dict(label=l, bbox=coco.xywh(b, h, w)) for b, l in zip(gt["bbox"], gt["label"])]
       preds = [dict(label=o["label"], bbox=coco.xywh(o["bbox"], h, w), score=coco.score_of(o, rule, i))
@@ -54,6 +45,8 @@ def _metrics(records, score_rule=coco.DEFAULT_SCORE_RULE):
 @EVALUATORS.register("detection")
 class Evaluator(common.Evaluator):
   """Greedy-decodes, parses the token ids and scores each box by every rule."""
+  name = "detection"
+  options = ("score_rule",)
 
   def predict_batch(self, params, batch, gts):
     outs = common.generate(self.predictor, params, batch, gts)
@@ -64,6 +57,4 @@ class Evaluator(common.Evaluator):
                           prediction=o["text"], objects=objs, n_invalid=n_invalid))
     return records
 
-  @staticmethod
-  def compute_metrics(records, score_rule=coco.DEFAULT_SCORE_RULE):
-    return {**_metrics(records, score_rule), **common.by_source(records, _metrics, score_rule=score_rule)}
+  metric_fn = staticmethod(_metrics)

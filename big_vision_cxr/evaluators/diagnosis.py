@@ -52,10 +52,6 @@ def _rate(mask):
 
 def _metrics(records):
   answers = prompts.DIAGNOSIS_ANSWERS
-  for i, r in enumerate(records):
-    common.require(r, ("label", "prediction"), i, "diagnosis")
-    if r["label"] not in answers:
-      raise common.EvalError(f"diagnosis record {i}: label {r['label']!r} is not one of {sorted(answers)}.")
   pred = [common.normalize_answer(r["prediction"]) for r in records]
   y = np.array([r["label"] == "tb" for r in records])
   correct = np.array([p == answers[r["label"]] for p, r in zip(pred, records)])
@@ -83,6 +79,7 @@ def _metrics(records):
 @EVALUATORS.register("diagnosis")
 class Evaluator(common.Evaluator):
   """Generates the answer and, with `score_candidates`, P(tb) from the candidates' scores."""
+  name = "diagnosis"
 
   def __init__(self, predictor, data, *, score_candidates=True, **kw):
     super().__init__(predictor, data, **kw)
