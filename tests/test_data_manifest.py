@@ -66,3 +66,35 @@ def test_image_paths_errors(tmp_path):
     manifest.image_paths(latin)
   with pytest.raises(manifest.ManifestError, match="must be .csv, .tsv or .jsonl"):
     manifest.image_paths(_png(tmp_path / "a.png"))
+
+
+def test_manifest_missing_patient_id_column_is_no_usable_rows_naming_it(tmp_path):
+  _png(tmp_path / "a.png")
+  path = tmp_path / "m.csv"
+  path.write_text("image,label\na.png,normal\nb.png,tb\n")
+  with pytest.raises(manifest.ManifestError, match=r"manifest .*m.csv: no usable rows: 2 skipped, "
+                                                   r"first: .*m.csv:2: missing column 'patient_id'"):
+    manifest.read(path)
+
+
+@pytest.mark.parametrize("text", ["image,patient_id,label\n", "", "\ufeff"])
+def test_manifest_without_rows_is_an_error(tmp_path, text):
+  path = tmp_path / "m.csv"
+  path.write_text(text, encoding="utf-8")
+  with pytest.raises(manifest.ManifestError, match="m.csv: no rows"):
+    manifest.read(path)
+
+
+def test_manifest_duplicate_image_id_names_both_lines_before_reading_images(tmp_path, monkeypatch):
+  path = tmp_path / "m.csv"
+  path.write_text("image,patient_id,label\na.png,p1,normal\nb.png,p2,normal\na.dcm,p3,tb\n")
+  monkeypatch.setattr(manifest.images, "read_image", lambda *a, **k: pytest.fail("read an image"))
+  with pytest.raises(manifest.ManifestError, match=r"m.csv:4: image_id 'a' is also line 2's"):
+    manifest.read(path)
+
+
+def test_manifest_csv_field_over_the_csv_limit_is_a_manifest_error_naming_the_line(tmp_path):
+  path = tmp_path / "m.csv"
+  path.write_text(f"image,patient_id,label,report\na.png,p1,normal,\nb.png,p2,normal,{'x' * 200_000}\n")
+  with pytest.raises(manifest.ManifestError, match=r"m.csv:3: not readable as CSV .*field limit"):
+    manifest.read(path)

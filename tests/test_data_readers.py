@@ -107,8 +107,9 @@ def test_manifest_masks_boxes_qa_and_bad_rows(tmp_path):
            boxes=[{"label": "latent tb", "bbox": [4, 5, 20, 25], "lung": "left"}]),
       dict(image="missing.png", patient_id="p3", label="normal"),
       dict(image="../../etc/passwd", patient_id="p4", label="normal"),
-      dict(image="a.png", patient_id="p5", label="pneumonia"),
-      dict(image="a.png", patient_id="p6", label="tb", boxes=[{"label": "active tb", "bbox": [0, 0, 60, 10]}]),
+      dict(image="a.png", patient_id="p5", label="pneumonia", image_id="a5"),
+      dict(image="a.png", patient_id="p6", label="tb", image_id="a6",
+           boxes=[{"label": "active tb", "bbox": [0, 0, 60, 10]}]),
   ]
   path = tmp_path / "m.jsonl"
   path.write_text("\n".join(json.dumps(r) for r in rows) + "\n{broken\n")
@@ -149,3 +150,49 @@ def test_patient_splits_deterministic_disjoint_and_conflicts():
   bad[0].split, bad[1].split = "train", "val"
   with pytest.raises(splits.SplitError, match=bad[0].patient_id):
     splits.apply(bad)
+
+
+def test_tbx11k_split_with_all_images_absent_is_an_error_saying_why(tmp_path):
+  root = fake_tbx11k(tmp_path) / "TBX11K"
+  (root / "lists/TBX11K_val.txt").write_text("tb/gone1.png\nhealth/gone2.png\nextra/x/n1.png\n")
+  with pytest.raises(tbx11k.TBX11KError, match=r"split 'val' has no usable image: of the 3 in "
+                     r"TBX11K_val.txt, 1 are outside categories .*, 2 absent \(first imgs/tb/gone1.png\), "
+                     r"0 skipped"):
+    tbx11k.read(tmp_path)
+
+
+def test_tbx11k_split_with_all_images_skipped_names_the_first_reason(tmp_path):
+  root = fake_tbx11k(tmp_path) / "TBX11K"
+  (root / "imgs/health/bad.png").write_bytes(b"not a png")
+  (root / "lists/TBX11K_val.txt").write_text("health/bad.png\n")
+  with pytest.raises(tbx11k.TBX11KError, match=r"split 'val' .* 0 absent, 1 skipped "
+                                               r"\(first imgs/health/bad.png: .*bad.png"):
+    tbx11k.read(tmp_path)
+
+
+def test_tbx11k_lists_naming_no_image_are_an_error(tmp_path):
+  root = fake_tbx11k(tmp_path) / "TBX11K"
+  (root / "lists/TBX11K_train.txt").write_text("")
+  with pytest.raises(tbx11k.TBX11KError, match=r"the lists TBX11K_\{train,val\}.txt name no image"):
+    tbx11k.read(tmp_path)
+  with pytest.raises(tbx11k.TBX11KError, match=r"unknown categories \['healthy'\]"):
+    tbx11k.read(tmp_path, categories=("healthy",))
+
+
+def test_tbx11k_image_listed_twice_is_an_error_before_any_image_is_read(tmp_path, monkeypatch):
+  root = fake_tbx11k(tmp_path) / "TBX11K"
+  (root / "lists/TBX11K_val.txt").write_text("health/h1.png\n")
+  monkeypatch.setattr(images, "read_image", lambda *a, **k: pytest.fail("read an image"))
+  with pytest.raises(tbx11k.TBX11KError, match=r"image id 'h1' is listed twice: train:health/h1.png "
+                                               r"and val:health/h1.png"):
+    tbx11k.read(tmp_path)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_tbx11k_non_finite_xml_number_is_skipped_naming_the_xml(tmp_path, value):
+  root = fake_tbx11k(tmp_path) / "TBX11K"
+  (root / "annotations/xml/tb0001.xml").write_text(
+      _voc_xml(2000, 1000, [("ActiveTuberculosis", 200, 100, value, 400)]))
+  recs, skips = tbx11k.read(tmp_path)
+  assert "tb0001" not in {r.image_id for r in recs}
+  assert "tb0001.xml: a non-finite number" in dict(skips.items)["imgs/tb/tb0001.png"]

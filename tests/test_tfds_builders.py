@@ -154,3 +154,133 @@ def test_bad_tbx11k_files_are_counted_in_metadata(tmp_path):
   assert skipped["count"] == 3 and skipped["absent_count"] == 1
   assert sorted(i["path"] for i in skipped["items"]) == [
       "imgs/tb/corrupt.png", "imgs/tb/noxml.png", "imgs/tb/outside.png"]
+
+
+def run_build(capsys, *argv):
+  """(exit code, stdout, the stderr lines that start with 'error:') of the build CLI."""
+  from tfds_builders import build as build_cli  # pylint: disable=import-outside-toplevel
+  code = build_cli.main(list(argv))
+  out, err = capsys.readouterr()
+  assert "Traceback" not in err
+  return code, out, [l for l in err.splitlines() if l.startswith("error:")]
+
+
+def manifest_dir(tmp_path, text, encoding="utf-8"):
+  manual = tmp_path / "m"
+  manual.mkdir()
+  for name in ("a.png", "b.png"):
+    Image.fromarray(np.full((32, 32), 100, np.uint8)).save(manual / name)
+  (manual / "manifest.csv").write_text(text, encoding=encoding)
+  return manual
+
+
+def test_build_cli_bom_manifest_yields_its_rows(tmp_path, capsys):
+  manual = manifest_dir(tmp_path, "image,patient_id,label\na.png,p1,normal\nb.png,p2,tb\n",
+                        encoding="utf-8-sig")
+  assert (manual / "manifest.csv").read_bytes().startswith(b"\xef\xbb\xbf")
+  code, out, errs = run_build(capsys, "--config", "manifest", "--manual_dir", str(manual),
+                              "--data_dir", str(tmp_path / "tfds"))
+  assert code == 0 and not errs and "skipped 0" in out
+  built = tfds.builder_from_directory(str(next((tmp_path / "tfds").glob("cxr_tb/manifest/*"))))
+  assert sum(i.num_examples for i in built.info.splits.values()) == 2
+
+
+def test_build_cli_manifest_missing_patient_id_is_one_error_line(tmp_path, capsys):
+  manual = manifest_dir(tmp_path, "image,label\na.png,normal\nb.png,tb\n")
+  code, out, errs = run_build(capsys, "--config", "manifest", "--manual_dir", str(manual),
+                              "--data_dir", str(tmp_path / "tfds"))
+  assert code == 2 and len(errs) == 1 and "built" not in out
+  assert "manifest.csv: no usable rows: 2 skipped, first: " in errs[0]
+  assert "missing column 'patient_id'" in errs[0]
+  assert not list((tmp_path / "tfds").glob("cxr_tb/manifest/*"))  # nothing left as if built
+
+
+def test_build_cli_header_only_manifest_is_one_error_line(tmp_path, capsys):
+  manual = manifest_dir(tmp_path, "image,patient_id,label\n")
+  code, _, errs = run_build(capsys, "--config", "manifest", "--manual_dir", str(manual),
+                            "--data_dir", str(tmp_path / "tfds"))
+  assert code == 2 and len(errs) == 1 and "manifest.csv: no rows" in errs[0]
+
+
+def test_build_cli_tbx11k_all_absent_is_one_error_line(tmp_path):
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  root = tmp_path / "TBX11K"
+  for d in ("lists", "imgs/tb", "imgs/health"):
+    (root / d).mkdir(parents=True)
+  (root / "lists/TBX11K_train.txt").write_text("tb/tb0001.png\nhealth/h0001.png\n")
+  (root / "lists/TBX11K_val.txt").write_text("health/h0002.png\n")
+  proc = subprocess.run([sys.executable, "-m", "tfds_builders.build", "--config", "tbx11k",
+                         "--manual_dir", str(tmp_path), "--data_dir", str(tmp_path / "tfds")],
+                        capture_output=True, text=True, cwd=cxr_tb.__file__.rsplit("/", 2)[0],
+                        check=False)
+  errs = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert proc.returncode == 2 and len(errs) == 1 and "Traceback" not in proc.stderr
+  assert "split 'train' has no usable image: of the 2 in TBX11K_train.txt" in errs[0]
+  assert "2 absent (first imgs/tb/tb0001.png)" in errs[0]
+
+
+def test_build_cli_duplicate_image_id_fails_before_any_image_is_read(tmp_path, capsys, monkeypatch):
+  from big_vision_cxr.data import images  # pylint: disable=import-outside-toplevel
+  manual = manifest_dir(tmp_path, "image,patient_id,label\na.png,p1,normal\nb.png,p2,tb\n"
+                                  "a.dcm,p3,normal\n")
+  read = []
+  monkeypatch.setattr(images, "read_image", lambda *a, **k: read.append(a))
+  code, _, errs = run_build(capsys, "--config", "manifest", "--manual_dir", str(manual),
+                            "--data_dir", str(tmp_path / "tfds"))
+  assert code == 2 and len(errs) == 1 and not read
+  assert "manifest.csv:4: image_id 'a' is also line 2's" in errs[0]
+
+
+def test_duplicate_keys_fail_before_any_example_is_written(tmp_path, monkeypatch):
+  recs = phantom.dataset(3, size=32)
+  recs[2].image_id = recs[0].image_id
+  monkeypatch.setattr(cxr_tb.CxrTb, "_read", lambda self, dl: (recs, cxr_tb.images.Skips("t")))
+  written = []
+  monkeypatch.setattr(cxr_tb, "record_to_example", lambda rec: written.append(rec))
+  with pytest.raises(cxr_tb.BuildError, match=rf"two examples of key 'phantom/{recs[0].image_id}'"):
+    build(tmp_path, "phantom_small")
+  assert not written
+
+
+def test_build_cli_dicom_ds_bad_fields_are_skipped_naming_file_and_field(tmp_path, capsys):
+  from test_data_images import write_dicom_with  # pylint: disable=import-outside-toplevel
+  manual = manifest_dir(tmp_path, "")
+  ramp = (np.arange(64 * 32).reshape(64, 32) % 4096).astype(np.uint16)
+  fields = ("WindowCenter", "WindowWidth", "RescaleSlope", "RescaleIntercept")
+  rows = ["image,patient_id,label", "a.png,p0,normal"]
+  for k, field in enumerate(fields):
+    write_dicom_with(manual / f"bad_{field}.dcm", ramp, field, "abc")
+    rows.append(f"bad_{field}.dcm,p{k + 1},normal")
+  write_dicom_with(manual / "good.dcm", ramp, "WindowCenter", "2048")
+  rows.append("good.dcm,p9,normal")
+  (manual / "manifest.csv").write_text("\n".join(rows) + "\n")
+  code, out, errs = run_build(capsys, "--config", "manifest", "--manual_dir", str(manual),
+                              "--data_dir", str(tmp_path / "tfds"))
+  assert code == 0 and not errs and "skipped 4" in out
+  built = tfds.builder_from_directory(str(next((tmp_path / "tfds").glob("cxr_tb/manifest/*"))))
+  assert sum(i.num_examples for i in built.info.splits.values()) == 2
+  reasons = {i["path"].rsplit(":", 1)[1]: i["reason"] for i in built.info.metadata["skipped"]["items"]}
+  for k, field in enumerate(fields):
+    assert f"bad_{field}.dcm: DICOM {field} 'abc' is not a finite number" in reasons[str(k + 3)]
+
+
+def test_build_cli_needs_an_existing_manual_dir(tmp_path, capsys):
+  code, _, errs = run_build(capsys, "--config", "tbx11k")
+  assert code == 2 and errs == ["error: python -m tfds_builders.build: --config tbx11k needs "
+                                "--manual_dir (see --help)"]
+  code, _, errs = run_build(capsys, "--config", "manifest", "--manual_dir", str(tmp_path / "none"))
+  assert code == 2 and len(errs) == 1 and "none: no such folder" in errs[0]
+
+
+def test_tfds_source_missing_dataset_or_split_is_a_clear_error(phantom_built, tmp_path):
+  with pytest.raises(tfds_source.TfdsSourceError, match="'cxr_tb/phantom' .* is not built"):
+    tfds_source.read("cxr_tb/phantom", data_dir=str(tmp_path))
+  with pytest.raises(tfds_source.TfdsSourceError, match=r"no split 'tset'; it has \['test', 'train', 'val'\]"):
+    tfds_source.read(phantom_built.data_dir, split="tset")
+
+
+def test_empty_build_is_an_error(tmp_path, monkeypatch):
+  monkeypatch.setattr(cxr_tb.CxrTb, "_read", lambda self, dl: ([], cxr_tb.images.Skips("t")))
+  with pytest.raises(cxr_tb.BuildError, match="cxr_tb/phantom_small: no records to build"):
+    build(tmp_path, "phantom_small")

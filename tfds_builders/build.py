@@ -3,6 +3,7 @@
     python -m tfds_builders.build --config tbx11k --manual_dir /data/tbx11k [--data_dir DIR]
 """
 import argparse
+import pathlib
 import sys
 
 import tensorflow_datasets as tfds
@@ -12,11 +13,17 @@ from tfds_builders import cxr_tb
 
 
 def run(argv):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = errors.ArgumentParser(prog="python -m tfds_builders.build", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", required=True, choices=[c.name for c in cxr_tb.CxrTb.BUILDER_CONFIGS])
   parser.add_argument("--manual_dir", default=None)
   parser.add_argument("--data_dir", default=None)
   args = parser.parse_args(argv)
+  if cxr_tb.CxrTb.builder_configs[args.config].source != "phantom":
+    if not args.manual_dir:
+      parser.error(f"--config {args.config} needs --manual_dir")
+    if not pathlib.Path(args.manual_dir).is_dir():
+      raise FileNotFoundError(f"--manual_dir {args.manual_dir}: no such folder")
   builder = cxr_tb.CxrTb(config=args.config, data_dir=args.data_dir)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=args.manual_dir))
   skipped = builder.info.metadata["skipped"]

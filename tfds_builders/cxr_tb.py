@@ -21,7 +21,10 @@ report ('' when none), qa (question, answer, type), findings (JSON).
 Skipped inputs (corrupt image, DICOM without pixels, box outside the image,
 missing file) are logged with the file name and recorded with their count in
 the dataset metadata (`info.metadata['skipped']`): never a crash mid-build,
-never a silent loss. `big_vision_cxr.data.tfds_source` reads a built dataset
+never a silent loss. What would leave nothing to build (no usable row or
+image, a TBX11K split with none of its listed images) and two examples of one
+key are a `BuildError` or the reader's error, raised before any example is
+written. `big_vision_cxr.data.tfds_source` reads a built dataset
 back into source records.
 """
 import dataclasses
@@ -32,7 +35,12 @@ import pathlib
 import numpy as np
 import tensorflow_datasets as tfds
 
+from big_vision_cxr import errors
 from big_vision_cxr.data import images, manifest, phantom, records, splits, tbx11k
+
+
+class BuildError(errors.Error):
+  """The inputs cannot give a dataset; the message says why."""
 
 
 @dataclasses.dataclass
@@ -101,8 +109,21 @@ class CxrTb(tfds.core.GeneratorBasedBuilder):
         return manifest.read(root / name, skips=skips)
     raise manifest.ManifestError(f"{root}: no manifest.csv, manifest.jsonl or manifest.tsv")
 
+  def _check_unique_keys(self, recs):
+    seen = {}
+    for rec in recs:
+      key = example_key(rec)
+      origin = ":".join(str(rec.meta[k]) for k in ("path", "line") if k in rec.meta) or rec.image_id
+      if key in seen:
+        raise BuildError(f"cxr_tb/{self.builder_config.name}: two examples of key {key!r}: "
+                         f"{seen[key]} and {origin}")
+      seen[key] = origin
+
   def _split_generators(self, dl_manager):
     recs, skips = self._read(dl_manager)
+    if not recs:
+      raise BuildError(f"cxr_tb/{self.builder_config.name}: no records to build")
+    self._check_unique_keys(recs)  # TFDS would find it only after writing every example
     splits.apply(recs, seed=self.builder_config.split_seed)
     self.info.metadata["skipped"] = skips.summary()
     self.info.metadata["records"] = len(recs)
@@ -114,7 +135,11 @@ class CxrTb(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, recs):
     for rec in recs:
-      yield f"{rec.source}/{rec.image_id}", record_to_example(rec)
+      yield example_key(rec), record_to_example(rec)
+
+
+def example_key(rec):
+  return f"{rec.source}/{rec.image_id}"
 
 
 def record_to_example(rec):

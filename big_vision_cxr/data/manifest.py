@@ -16,7 +16,9 @@ One row per image. Canonical fields (rename with `columns={field: column}`):
   qa          optional JSON list of {"question", "answer", "type": closed|open}
 In CSV the JSON fields are JSON strings; in JSONL they may be JSON values.
 Bad rows raise `ManifestError` naming file, line and field, or with
-on_error='skip' are logged and counted in `skips`.
+on_error='skip' are logged and counted in `skips`. A manifest without rows
+or without a usable row, and two rows of one image_id (found before any image
+is read), are a `ManifestError`.
 
 Files are read as UTF-8, with or without the byte-order mark Excel writes.
 
@@ -64,8 +66,11 @@ def _rows(path):
     with open(path, encoding="utf-8-sig", newline="") as f:
       if suffix in (".csv", ".tsv"):
         reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-        for row in reader:
-          yield reader.line_num, row
+        try:
+          for row in reader:
+            yield reader.line_num, row
+        except csv.Error as e:  # e.g. a field over csv.field_size_limit()
+          raise ManifestError(f"{path}:{reader.line_num + 1}: not readable as CSV ({e})") from e
         return
       for i, line in enumerate(f, 1):
         if line.strip():
@@ -77,6 +82,27 @@ def _rows(path):
           yield i, row if isinstance(row, dict) else ManifestError(f"{path}:{i}: not a JSON object")
   except UnicodeDecodeError as e:
     raise ManifestError(f"{path}: not UTF-8 text ({e})") from e
+
+
+def _image_id(image_id, image):
+  """A row's image_id: its own, else the image path without its suffix."""
+  return str(image_id or pathlib.PurePosixPath(str(image)).with_suffix(""))
+
+
+def _check_unique_ids(path, rows, columns):
+  """ManifestError naming both lines when two rows give one image_id."""
+  seen = {}
+  for line, row in rows:
+    if not isinstance(row, dict) or row.get(columns["image"]) in (None, ""):
+      continue  # the row fails on its own
+    try:
+      image_id = _image_id(row.get(columns["image_id"]), row[columns["image"]])
+    except ValueError:  # no file name in the path: the row fails on its own
+      continue
+    if image_id in seen:
+      raise ManifestError(f"{path}:{line}: image_id {image_id!r} is also line {seen[image_id]}'s; "
+                          f"give the rows distinct image_id values (or list each image once)")
+    seen[image_id] = line
 
 
 def _json_field(value, where):
@@ -161,8 +187,11 @@ def read(path, *, root=None, columns=None, label_map=None, box_units="pixels", s
       raise row
     get = lambda f: row.get(columns[f])
     for f in REQUIRED:
+      if columns[f] not in row:
+        raise ManifestError(f"{where}: missing column {columns[f]!r} (field {f!r}); the row has "
+                            f"{sorted(map(str, row))}")
       if get(f) in (None, ""):
-        raise ManifestError(f"{where}: field {f!r} (column {columns[f]!r}) is empty or missing")
+        raise ManifestError(f"{where}: field {f!r} (column {columns[f]!r}) is empty")
     rel = str(get("image"))
     raw_label = str(get("label"))
     label = label_map.get(raw_label, raw_label)
@@ -182,15 +211,22 @@ def read(path, *, root=None, columns=None, label_map=None, box_units="pixels", s
     qa = [dict(question=str(q.get("question", "")), answer=str(q.get("answer", "")),
                type=str(q.get("type", ""))) for q in _json_field(get("qa"), f"{where}: qa")]
     return records.validate(records.SourceRecord(
-        image_id=str(get("image_id") or pathlib.PurePosixPath(rel).with_suffix("")),
+        image_id=_image_id(get("image_id"), rel),
         patient_id=str(get("patient_id")), source=source, image=image, label=label,
         objects=objs, report=get("report") or None, qa=qa, split=get("split") or None,
         meta=dict(path=rel, line=line)))
 
   rows = list(_rows(path))
+  if not rows:
+    raise ManifestError(f"manifest {path}: no rows")
+  _check_unique_ids(path, rows, columns)
+  first_skip = len(skips)
   out = skips.collect([f"{path}:{line}" for line, _ in rows], images.map_ordered(record, rows, workers),
                       (ManifestError, images.ImageError, images.DataPathError, records.RecordError),
                       on_error)
+  if not out:
+    raise ManifestError(f"manifest {path}: no usable rows: {len(rows)} skipped, first: "
+                        f"{skips.items[first_skip][1]}")
   return out, skips
 
 

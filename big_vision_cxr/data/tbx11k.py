@@ -18,7 +18,10 @@
   skips the image with a logged, counted reason naming the XML file.
 - TBX11K has no patient ids: each image is its own patient (image stem).
 - Listed images absent from `root` (partial copies) are counted in
-  `skips.absent`, not logged one by one.
+  `skips.absent`, not logged one by one. A split whose list names images but
+  gives no record (all absent, skipped or outside `categories`) is a
+  `TBX11KError` saying why, and so is one image id listed twice (checked
+  before any image is read).
 """
 import logging
 import pathlib
@@ -58,7 +61,11 @@ def read_list(root, lists, split):
   path = root / "lists" / f"{lists}_{split}.txt"
   if not path.is_file():
     raise TBX11KError(f"split list not found: {path}")
-  return [l.strip() for l in path.read_text().splitlines() if l.strip()]
+  try:
+    text = path.read_text(encoding="utf-8")
+  except UnicodeDecodeError as e:
+    raise TBX11KError(f"{path}: not UTF-8 text ({e})") from e
+  return [l.strip() for l in text.splitlines() if l.strip()]
 
 
 def parse_xml(path):
@@ -79,6 +86,8 @@ def parse_xml(path):
                    *(float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))))
   except (TypeError, ValueError, AttributeError) as e:
     raise TBX11KError(f"{path}: missing or non-numeric size/bndbox field ({e})") from e
+  if not np.isfinite([width, height, *(v for o in objs for v in o[2:])]).all():
+    raise TBX11KError(f"{path}: a non-finite number in <size> or <bndbox>")
   if width <= 0 or height <= 0:
     raise TBX11KError(f"{path}: invalid <size> {width}x{height}")
   return width, height, objs
@@ -126,6 +135,28 @@ def _record(root, split, entry, load_images):
       split=split, meta=dict(path=rel, difficult=difficult)))
 
 
+def _check_unique_ids(todo):
+  seen = {}
+  for split, entry in todo:
+    stem = pathlib.Path(entry).stem
+    if stem in seen:
+      raise TBX11KError(f"image id {stem!r} is listed twice: {seen[stem]} and {split}:{entry}")
+    seen[stem] = f"{split}:{entry}"
+
+
+def _empty_split_error(root, lists, split, entries, categories, absent, skipped):
+  """Why `split` gave no record: its entries outside `categories`, absent, skipped."""
+  rels = {f"imgs/{e}" for e in entries}
+  other = sum(e.split("/")[0] not in categories for e in entries)
+  absent = [p for p in absent if p in rels]
+  skipped = [f"{p}: {r}" for p, r in skipped if p in rels]
+  first = lambda items: f" (first {items[0]})" if items else ""
+  return TBX11KError(
+      f"{root}: split {split!r} has no usable image: of the {len(entries)} in {lists}_{split}.txt, "
+      f"{other} are outside categories {tuple(categories)}, {len(absent)} absent{first(absent)}, "
+      f"{len(skipped)} skipped{first(skipped)}")
+
+
 def read(path, *, splits=("train", "val"), lists="TBX11K", categories=("tb", "health", "sick"),
          skips=None, on_error="skip", load_images=True, workers=None):
   """(records, skips): one SourceRecord per listed image present under `path`.
@@ -134,12 +165,16 @@ def read(path, *, splits=("train", "val"), lists="TBX11K", categories=("tb", "he
   order follows the lists.
   """
   root = find_root(path)
+  unknown = set(categories) - set(FOLDER_LABELS)
+  if unknown:
+    raise TBX11KError(f"unknown categories {sorted(unknown)}; known: {sorted(FOLDER_LABELS)}")
   skips = skips if skips is not None else images.Skips(SOURCE)
-  todo, absent = [], []
+  first_skip = len(skips)
+  listed, todo, absent = {}, [], []
   for split in splits:
-    for entry in read_list(root, lists, split):
-      folder = entry.split("/")[0]
-      if folder not in categories or folder not in FOLDER_LABELS:
+    listed[split] = read_list(root, lists, split)
+    for entry in listed[split]:
+      if entry.split("/")[0] not in categories:
         continue
       rel = f"imgs/{entry}"
       try:
@@ -153,6 +188,7 @@ def read(path, *, splits=("train", "val"), lists="TBX11K", categories=("tb", "he
         todo.append((split, entry))
       else:
         absent.append(rel)
+  _check_unique_ids(todo)
   results = images.map_ordered(lambda item: _record(root, *item, load_images), todo, workers)
   out = skips.collect([f"imgs/{entry}" for _, entry in todo], results,
                       (TBX11KError, images.ImageError, images.DataPathError, records.RecordError),
@@ -160,6 +196,12 @@ def read(path, *, splits=("train", "val"), lists="TBX11K", categories=("tb", "he
   if absent:
     skips.absent += absent
     logging.info("%s: %d listed images are absent from %s", SOURCE, len(absent), root)
+  for split, entries in listed.items():
+    if entries and not any(r.split == split for r in out):
+      raise _empty_split_error(root, lists, split, entries, categories, absent,
+                               skips.items[first_skip:])
+  if not out:
+    raise TBX11KError(f"{root}: the lists {lists}_{{{','.join(splits)}}}.txt name no image")
   return out, skips
 
 

@@ -5,15 +5,21 @@
 The features are those `tfds_builders/cxr_tb.py` writes (docs/DATA.md, section 5):
 ClassLabels back to names, '' back to None, a 1x1 mask where `masks_known` is
 False back to no masks, `findings` JSON back to a dict. tensorflow_datasets is
-imported only when a dataset is read.
+imported only when a dataset is read. A dataset that is not built and an
+unknown split are a `TfdsSourceError`.
 """
 import json
 import pathlib
 
 import numpy as np
 
+from big_vision_cxr import errors
 from big_vision_cxr.data import images, records
 from big_vision_cxr.registry import DATA_SOURCES
+
+
+class TfdsSourceError(errors.Error):
+  """A built dataset that cannot be read as asked; the message names it."""
 
 
 def _str(v):
@@ -45,8 +51,18 @@ def read(name, data_dir=None, split=None):
   each keeps the split it was stored under."""
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   path = pathlib.Path(name)
-  builder = (tfds.builder_from_directory(str(path)) if path.is_dir()
-             else tfds.builder(name, data_dir=data_dir))
+  not_built = (f"tfds dataset {name!r} (data_dir {data_dir}) is not built (build it with "
+               f"python -m tfds_builders.build)")
+  try:
+    builder = (tfds.builder_from_directory(str(path)) if path.is_dir()
+               else tfds.builder(name, data_dir=data_dir))
+  except (tfds.core.registered.DatasetNotFoundError, OSError) as e:
+    raise TfdsSourceError(f"{not_built}: {type(e).__name__}") from e
+  if not builder.info.splits:
+    raise TfdsSourceError(f"{not_built}: it has no splits")
+  if split and split not in builder.info.splits:
+    raise TfdsSourceError(f"tfds dataset {name!r} has no split {split!r}; it has "
+                          f"{sorted(builder.info.splits)}")
   out = []
   for s in ([split] if split else list(builder.info.splits)):
     for ex in tfds.as_numpy(builder.as_dataset(split=s, shuffle_files=False)):
