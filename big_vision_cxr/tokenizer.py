@@ -51,6 +51,15 @@ def extra_pieces():
   return [loc_piece(i) for i in range(NUM_LOC)] + [seg_piece(j) for j in range(NUM_SEG)]
 
 
+def _check_text(text, where):
+  """TokenizerError naming the position of a lone surrogate (text SentencePiece cannot take)."""
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise TokenizerError(f"{where}: character {text[e.start]!r} at position {e.start} is a lone "
+                         f"surrogate, not valid Unicode text.") from e
+
+
 def _with_extra_pieces(proto, where):
   """Returns (serialized model, base_size) with loc/seg pieces at the end."""
   names = [p.piece for p in proto.pieces]
@@ -129,12 +138,16 @@ class Tokenizer:
     """Token ids of `text`; `<loc0123>`/`<seg045>` in the text become their single ids."""
     if not isinstance(text, str):
       raise TokenizerError(f"encode() takes a str, got {type(text).__name__}.")
+    _check_text(text, "encode()")
     ids = self._sp.encode(text)
     return [BOS_ID] * bos + ids + [EOS_ID] * eos
 
   def decode(self, ids, stop_at_eos=True):
     """Text of `ids` (pad/bos/eos dropped); stops at the first EOS if `stop_at_eos`."""
-    ids = [int(i) for i in ids]
+    try:
+      ids = [int(i) for i in ids]
+    except (TypeError, ValueError) as e:
+      raise TokenizerError(f"decode() takes integer ids: {e}") from e
     if stop_at_eos and EOS_ID in ids:
       ids = ids[:ids.index(EOS_ID)]
     bad = [i for i in ids if not 0 <= i < self.vocab_size]
@@ -162,6 +175,8 @@ def train(lines, out_path, vocab_size=1000, model_type="bpe"):
   lines = [l for l in lines if l]
   if not lines:
     raise TokenizerError("train() needs at least one non-empty line of text.")
+  for i, line in enumerate(lines):
+    _check_text(line, f"train(): non-empty line {i}")
   if model_type not in ("bpe", "unigram"):
     raise TokenizerError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}.")
   minimum = 4 + 256 + 1 + 1
@@ -189,8 +204,8 @@ def train(lines, out_path, vocab_size=1000, model_type="bpe"):
 
 
 def run(argv):
-  parser = argparse.ArgumentParser(prog="python -m big_vision_cxr.tokenizer", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = errors.ArgumentParser(prog="python -m big_vision_cxr.tokenizer", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
   p = sub.add_parser("train", help="train a small PaliGemma-layout tokenizer")
   p.add_argument("--corpus", required=True, help="text file, one sentence per line")

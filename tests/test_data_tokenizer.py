@@ -22,3 +22,9 @@ def test_task_text_needs_no_byte_fallback():
     assert not any(re.fullmatch(r"<0x[0-9A-F]{2}>", p) for p in pieces), (text, pieces)
     assert tok.decode(tok.encode(text)) == text
   assert len(tok.encode(prompts.DIAGNOSIS_PREFIX)) <= 8
+
+
+def test_cli_usage_error_is_one_line(capsys):
+  assert demo_tokenizer.main(["--vocab_size", "many"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and err.startswith("error: ") and "--vocab_size" in err

@@ -160,3 +160,24 @@ def test_cli_train(tmp_path, capsys):
   assert tk.Tokenizer(out).decode(tk.Tokenizer(out).encode(TEXTS[1])) == TEXTS[1]
   assert tk.main(["train", "--corpus", str(tmp_path / "none.txt"), "--out", str(out)]) == 2
   assert "none.txt" in capsys.readouterr().err.split("error: ")[1]
+
+
+def test_lone_surrogate_is_a_tokenizer_error_naming_the_position(tmp_path, tok):
+  with pytest.raises(tk.TokenizerError, match=r"encode\(\): character '\\ud800' at position 3 is a "
+                                              r"lone surrogate"):
+    tok.encode("abc\ud800d")
+  with pytest.raises(tk.TokenizerError, match=r"train\(\): non-empty line 1: character '\\udcff' "
+                                              r"at position 0"):
+    tk.train(["fine", "\udcff", ""], tmp_path / "x.model", vocab_size=400)
+  assert not (tmp_path / "x.model").exists()
+
+
+def test_decode_of_non_integer_ids_is_a_tokenizer_error(tok):
+  with pytest.raises(tk.TokenizerError, match="decode\\(\\) takes integer ids"):
+    tok.decode(["x"])
+
+
+def test_cli_usage_error_is_one_line(capsys):
+  assert tk.main(["train", "--corpus", "c.txt"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and err.startswith("error: ") and "--out" in err

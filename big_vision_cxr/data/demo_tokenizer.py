@@ -10,9 +10,11 @@ same file.
 """
 import argparse
 import re
+import sys
 
 import numpy as np
 
+from big_vision_cxr import errors
 from big_vision_cxr import tokenizer
 from big_vision_cxr.data import curation, phantom, prompts, records
 
@@ -77,14 +79,21 @@ def corpus_lines(n_phantom=400, n_synthetic=3000):
   return [l for l in lines if l]
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run(argv):
+  parser = errors.ArgumentParser(prog="python -m big_vision_cxr.data.demo_tokenizer",
+                                 description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", default=str(DEFAULT_OUT))
   parser.add_argument("--vocab_size", type=int, default=1000)
   args = parser.parse_args(argv)
   tok = tokenizer.train(corpus_lines(), args.out, vocab_size=args.vocab_size)
   print(f"wrote {args.out}: base vocabulary {tok.base_size}, total {tok.vocab_size}")
+  return 0
+
+
+def main(argv=None):
+  return errors.cli_main(run, argv)
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())
