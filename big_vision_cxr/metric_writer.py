@@ -9,6 +9,7 @@ per log interval: step/total, loss, per-task losses, examples/s and ETA.
 """
 import json
 import logging
+import os
 import pathlib
 import re
 import sys
@@ -19,6 +20,24 @@ import numpy as np
 from big_vision_cxr import atomic
 
 _TB_NAME = re.compile(r"[^A-Za-z0-9_./-]")
+
+
+_NOISY = ("absl", "orbax", "jax", "tensorflow", "tensorboardX", "etils", "matplotlib", "PIL")
+
+
+def setup_logging(verbose=False):
+  """INFO lines with timestamps; the libraries' own INFO chatter (orbax and absl records,
+  TF's banners) only when `verbose`."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "3")
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                      force=True)
+  for name in _NOISY:
+    logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+  try:
+    from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+    absl_logging.set_verbosity(absl_logging.INFO if verbose else absl_logging.WARNING)
+  except ImportError:
+    pass
 
 
 class MetricWriter:

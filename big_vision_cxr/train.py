@@ -253,7 +253,7 @@ def train(config, workdir):
       _check_resumed_settings(workdir, resolved)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             state_shape, state_sharding)
-    state, meta = ckpt.restore(resume_step, abstract)
+    resume_step, state, meta = ckpt.restore_latest(abstract)  # skips corrupt newer steps
     if meta.get("input_state") is not None:
       train_iter.set_state(meta["input_state"])
     logging.info("Resumed from %s/%d.", ckpt.directory, resume_step)
@@ -380,15 +380,17 @@ def train(config, workdir):
 
 
 def run(argv):
-  config, workdir = config_lib.parse_flags(argv)
+  metric_writer.setup_logging(verbose="--verbose" in argv)
+  config, workdir = config_lib.parse_flags([a for a in argv if a != "--verbose"])
   summary = train(config, workdir)
-  print(json.dumps({"step": summary["step"], **summary["train"], **summary["eval"]}))
+  workdir = pathlib.Path(workdir or config.get("workdir") or "workdir")
+  print(f"done: step {summary['step']} in {summary['wall_s']:.0f} s; metrics in "
+        f"{workdir / 'metrics.jsonl'}" + (f", final table in {workdir / 'final_metrics.json'}"
+                                         if "table" in summary else ""))
   return 0
 
 
 def main(argv=None):
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-  logging.getLogger().setLevel(logging.INFO)
   return errors.cli_main(run, argv)
 
 

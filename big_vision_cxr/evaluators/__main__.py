@@ -5,7 +5,6 @@
 Prints one `metric  value` line per metric; record formats in docs/EVALUATION.md,
 checked by schema.py: a malformed file or record is one `error: FILE:LINE: ...` line.
 """
-import argparse
 import sys
 
 from big_vision_cxr import errors
@@ -14,9 +13,9 @@ from big_vision_cxr.registry import EVALUATORS
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(prog="python -m big_vision_cxr.evaluators",
-                              description="Metrics of a predictions JSONL file (docs/EVALUATION.md).",
-                              epilog="--debug: show the traceback of an error.")
+  p = errors.ArgumentParser(prog="python -m big_vision_cxr.evaluators",
+                            description="Metrics of a predictions JSONL file (docs/EVALUATION.md).",
+                            epilog="--debug: show the traceback of an error.")
   p.add_argument("--type", required=True, help=f"one of {EVALUATORS.names()}")
   p.add_argument("--predictions", required=True)
   p.add_argument("--json", help="also write the metrics to this JSON file")
