@@ -2,7 +2,8 @@
 
   python -m big_vision_cxr.predict --checkpoint WORKDIR_OR_NPZ [--model_variant V] \
       --input IMAGE|FOLDER|MANIFEST.csv|MANIFEST.jsonl --out OUT_DIR \
-      [--tasks diagnosis,vqa,report,detection,segmentation] [--prompt "answer en ..."]...
+      [--tasks diagnosis,vqa,report,detection,segmentation] [--prompt "answer en ..."]... \
+      [--min_score S] [--box_units pixels|normalized]
 
 A training workdir carries its settings (model, tokenizer, VQ-VAE, class names,
 prompts, preprocessing): nothing else is needed. A `.npz` needs --config (the
@@ -10,14 +11,18 @@ training config) or --model_variant.
 
 Inputs: PNG/JPEG/DICOM, a folder of them, or a manifest (CSV with an `image`,
 `path` or `image_path` column (TSV too), or JSONL with such a key; paths relative to the
-manifest's folder, never outside it).
+manifest's folder, never outside it). A manifest row's `boxes` field (the
+format of data/manifest.py, in --box_units) is the ground truth: copied to the
+JSON and drawn dashed on the overlay.
 
 Per image, OUT_DIR/<image_id>.json holds: the diagnosis with P(tb), the report,
 the VQA answers, boxes (normalised y_min, x_min, y_max, x_max and the same in
-pixels of the original image) with scores and class, masks as COCO RLE, the raw
-generated texts, and the model's provenance; OUT_DIR/<image_id>.png is the
-overlay. A file that cannot be used is reported with its name and the reason,
-the others are still processed, a summary is printed at the end, and the exit
+pixels of the original image) with scores, class and `drawn` (score >=
+--min_score), masks as COCO RLE, the raw generated texts, the model's
+provenance, and whether the tasks agree (`consistency`, consistency.py);
+OUT_DIR/<image_id>.png is the overlay. A file that cannot be used is reported
+with its name and the reason, the others are still processed, a summary (with
+the number of images whose tasks disagree) is printed at the end, and the exit
 status is 1 when any input failed (2 when there was nothing to process).
 """
 import argparse
@@ -27,6 +32,7 @@ import pathlib
 import sys
 
 from big_vision_cxr import atomic
+from big_vision_cxr import consistency
 from big_vision_cxr import errors
 from big_vision_cxr import inference
 from big_vision_cxr.data import images as images_lib
@@ -102,8 +108,50 @@ def unique_ids(files):
 # Outputs.
 
 
+def manifest_ground_truth(path, box_units="pixels"):
+  """{image file: [dict(bbox, label)]} from the `boxes` field of a manifest's rows.
+
+  The boxes are read by data/manifest.py (format, `box_units`, checks; a bad box
+  is a ManifestError naming line and field). Rows without the field are left
+  out, and so are rows whose image cannot be measured (predict names those).
+  """
+  # pylint: disable=protected-access
+  path = pathlib.Path(path)
+  out = {}
+  for line, row in manifest_lib._rows(path):
+    if isinstance(row, Exception) or "boxes" not in row:
+      continue
+    where = f"{path}:{line}"
+    specs = manifest_lib._json_field(row["boxes"], f"{where}: boxes")
+    image = row[next(k for k in manifest_lib.IMAGE_KEYS if k in row)]
+    try:
+      shape = images_lib.image_shape(image, root=path.parent) if specs else (1, 1)
+    except (errors.Error, OSError):
+      continue
+    objs = manifest_lib.objects_from_boxes(specs, shape, box_units, where)
+    out[images_lib.safe_path(path.parent, image, must_exist=False)] = [
+        dict(bbox=[float(v) for v in box], label=label)
+        for box, label in zip(objs.bbox, objs.label)]
+  return out
+
+
+def _entries(result):
+  """Every box and mask entry of a result, free prompts' objects included."""
+  return [*result.get("boxes", []), *result.get("masks", []),
+          *(o for item in result.get("prompts", []) for o in item.get("objects", []))]
+
+
+def mark_drawn(result, min_score):
+  """Sets `drawn` on every box and mask entry: unscored, or score >= min_score."""
+  result["min_score"] = min_score
+  for entry in _entries(result):
+    entry["drawn"] = consistency.shown(entry, min_score)
+  return result
+
+
 def header_lines(result):
-  """Text lines above the overlay: diagnosis with P(tb), then the report."""
+  """Text lines above the overlay: diagnosis with P(tb), the report, free prompts,
+  what is not drawn, and whether the tasks agree (the `consistency` block)."""
   lines = []
   diag = result.get("diagnosis")
   if diag:
@@ -113,19 +161,30 @@ def header_lines(result):
     lines.append(f"report: {result['report']}")
   for item in result.get("prompts", []):
     lines.append(f"{item['prompt'].strip()} -> {item['text'] or '(no output)'}")
+  hidden = sum(not e.get("drawn", True) for e in _entries(result))
+  if hidden:
+    lines.append(f"not drawn: {hidden} with score < {result['min_score']:g}")
+  check = result.get("consistency")
+  if check and check["checked"]:
+    n = len(check["checked"])
+    lines += [f"disagree: {f['message']}" for f in check["flags"]] or [
+        f"tasks agree ({n} check{'' if n == 1 else 's'})"]
   return lines
 
 
 def overlay_objects(result):
-  """The boxes and masks of a result, in the form visualize.overlay() takes."""
-  objects = [dict(bbox=b["bbox"], label=b["label"], score=b["score"]) for b in result.get("boxes", [])]
+  """The drawn boxes and masks of a result, in the form visualize.overlay() takes."""
+  objects = [dict(bbox=b["bbox"], label=b["label"], score=b["score"])
+             for b in result.get("boxes", []) if b.get("drawn", True)]
   for m in result.get("masks", []):
-    objects.append(dict(bbox=m["bbox"], label=m["label"], score=m["score"],
-                        mask=coco.rle_to_mask(m["rle"])))
+    if m.get("drawn", True):
+      objects.append(dict(bbox=m["bbox"], label=m["label"], score=m["score"],
+                          mask=coco.rle_to_mask(m["rle"])))
   for item in result.get("prompts", []):
     for o in item.get("objects", []):
-      mask = coco.rle_to_mask(o["rle"]) if o.get("rle") else None
-      objects.append(dict(bbox=o["bbox"], label=o["label"], score=o.get("score"), mask=mask))
+      if o.get("drawn", True):
+        mask = coco.rle_to_mask(o["rle"]) if o.get("rle") else None
+        objects.append(dict(bbox=o["bbox"], label=o["label"], score=o.get("score"), mask=mask))
   return objects
 
 
@@ -135,8 +194,10 @@ def write_outputs(out_dir, image_id, image, result, overlay=True):
   path = pathlib.Path(out_dir) / f"{image_id}.json"
   atomic.write_text(path, json.dumps(result, indent=1))
   if overlay:
+    truth = result.get("ground_truth")
     visualize.save_overlay(pathlib.Path(out_dir) / f"{image_id}.png", image,
-                           overlay_objects(result), header_lines(result))
+                           overlay_objects(result), header_lines(result),
+                           ground_truth=None if truth is None else truth["boxes"])
   return path
 
 
@@ -149,10 +210,16 @@ class Summary:
   done: list = dataclasses.field(default_factory=list)  # (path, json path)
   failed: list = dataclasses.field(default_factory=list)  # (path, reason)
   skipped: list = dataclasses.field(default_factory=list)  # (path, reason)
+  checked: int = 0  # images whose tasks could be compared (consistency.check)
+  disagree: list = dataclasses.field(default_factory=list)  # (path, [flag codes])
 
   def lines(self):
     out = [f"predicted {len(self.done)} image(s), {len(self.failed)} failed, "
            f"{len(self.skipped)} skipped."]
+    if self.checked:
+      out.append(f"{len(self.disagree)} of {self.checked} image(s) with tasks that disagree "
+                 f"(the JSON's 'consistency').")
+    out += [f"  DISAGREE {p}: {', '.join(codes)}" for p, codes in self.disagree]
     out += [f"  FAILED  {r}" for _, r in self.failed]
     out += [f"  skipped {p}: {r}" for p, r in self.skipped]
     return out
@@ -163,8 +230,15 @@ def _failure(path, e):
   return text if str(path) in text else f"{path}: {text}"
 
 
-def predict_files(runner, files, out_dir, *, overlay=True, progress=True, log=None):
-  """Predicts on `files` in batches; a file that fails is reported and the rest go on."""
+def predict_files(runner, files, out_dir, *, overlay=True, progress=True, log=None, min_score=0.0,
+                  ground_truth=None):
+  """Predicts on `files` in batches; a file that fails is reported and the rest go on.
+
+  Boxes and masks scoring below `min_score` stay in the JSON but are not drawn;
+  `ground_truth` ({file: [dict(bbox, label)]}, e.g. manifest_ground_truth's) is
+  added to the JSON and drawn dashed. Each JSON gets a `consistency` block.
+  """
+  ground_truth = ground_truth or {}
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
   log = log or sys.stderr
   summary = Summary()
@@ -195,11 +269,18 @@ def predict_files(runner, files, out_dir, *, overlay=True, progress=True, log=No
         flush()
       return
     for (path, image_id, image), result in zip(batch, results):
-      result = dict(image=str(path), image_id=image_id, **result)
+      result = mark_drawn(dict(image=str(path), image_id=image_id, **result), min_score)
+      if path in ground_truth:
+        result["ground_truth"] = dict(boxes=ground_truth[path])
+      result["consistency"] = check = consistency.check(result, min_score)
       try:
         summary.done.append((path, write_outputs(out_dir, image_id, image, result, overlay)))
       except OSError as e:
         fail(path, e, "cannot write its outputs: ")
+        continue
+      summary.checked += bool(check["checked"])
+      if check["flags"]:
+        summary.disagree.append((path, [f["code"] for f in check["flags"]]))
     bar.update(len(batch))
     batch.clear()
 
@@ -239,6 +320,11 @@ def parse_args(argv):
   p.add_argument("--batch_size", type=int, default=8)
   p.add_argument("--max_decode_len", type=int, default=96,
                  help="new tokens per prompt (an object with a mask is ~23 tokens)")
+  p.add_argument("--min_score", type=float, default=0.0,
+                 help="draw only boxes/masks scoring at least this (all stay in the JSON, "
+                      "flagged drawn: false); default 0: everything")
+  p.add_argument("--box_units", choices=("pixels", "normalized"), default="pixels",
+                 help="units of a manifest's ground-truth `boxes` (drawn dashed)")
   p.add_argument("--no_overlay", action="store_true", help="write the JSON only")
   p.add_argument("--no_progress", action="store_true")
   return p.parse_args(argv)
@@ -248,7 +334,11 @@ def run(argv):
   args = parse_args(argv)
   if args.batch_size < 1:
     raise PredictError(f"--batch_size must be >= 1, got {args.batch_size}.")
+  if not 0 <= args.min_score <= 1:
+    raise PredictError(f"--min_score must be in [0, 1], got {args.min_score}.")
   inputs = collect_inputs(args.input)
+  truth = (manifest_ground_truth(args.input, args.box_units)
+           if pathlib.Path(args.input).suffix.lower() in MANIFEST_SUFFIXES else None)
   atomic.writable_dir(args.out, "--out")  # before any model is loaded
   config = None
   if args.config:
@@ -263,7 +353,8 @@ def run(argv):
   runner = inference.Runner(loaded, tasks=tasks, prompts=args.prompt, batch_size=args.batch_size,
                             max_decode_len=args.max_decode_len)
   summary = predict_files(runner, inputs.files, args.out, overlay=not args.no_overlay,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, min_score=args.min_score,
+                          ground_truth=truth)
   summary.skipped += inputs.skipped
   print("\n".join(summary.lines()), file=sys.stderr)
   return 1 if summary.failed else 0

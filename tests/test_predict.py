@@ -7,6 +7,7 @@ import pytest
 from big_vision_cxr import errors
 from big_vision_cxr import inference
 from big_vision_cxr import predict
+from big_vision_cxr import visualize
 from big_vision_cxr.evaluators import coco
 
 
@@ -209,6 +210,12 @@ def test_all_tasks_json_and_overlay(runner, tmp_path):
   assert res["report"] == res["generated"][prompts.REPORT_PREFIX]
   assert isinstance(res["boxes"], list) and isinstance(res["masks"], list)
   assert res["model"]["model_variant"] == VARIANT
+  assert all(b["drawn"] for b in res["boxes"] + res["masks"]) and res["min_score"] == 0
+  # Random weights answer VQA with noise: diagnosis vs lesions is what can always be checked.
+  assert {"not_tb_with_lesions", "tb_without_lesions"} & set(res["consistency"]["checked"])
+  assert res["consistency"]["agree"] == (not res["consistency"]["flags"])
+  assert "ground_truth" not in res
+  assert summary.checked == 3 and any("with tasks that disagree" in l for l in summary.lines())
   from PIL import Image
   with Image.open(tmp_path / "out" / "p1.png") as im:
     assert im.width == 96 and im.height > 96  # the header band with the diagnosis
@@ -396,3 +403,106 @@ def test_config_preprocessing_is_used(runner):
   wrong = dataclasses.replace(runner.loaded, pp_image="decode|resize(32)|value_range(-1, 1)")
   with pytest.raises(PPError, match="gives images of shape"):
     wrong.model_input(image)
+
+
+# ---------------------------------------------------------------- min_score, ground truth, consistency
+
+_RESULT = dict(  # what inference.Runner returns for a TB image, hand-built
+    height=40, width=40, diagnosis=dict(label="tb", probability_tb=0.9),
+    report="left lung: cavity in the upper zone. findings consistent with active tuberculosis.",
+    answers=[dict(question="is there tuberculosis?", answer="yes"),
+             dict(question="how many lesions are there?", answer="1")],
+    boxes=[dict(label="active tb", score=0.8, bbox=[0.2, 0.6, 0.4, 0.8]),  # patient's left
+           dict(label="latent tb", score=0.1, bbox=[0.6, 0.1, 0.8, 0.3])])
+
+
+class _TbRunner:
+  batch_size = 2
+
+  def run(self, images):
+    return [json.loads(json.dumps(_RESULT)) for _ in images]
+
+
+def test_min_score_hides_boxes_but_keeps_them_in_the_json():
+  result = predict.mark_drawn(json.loads(json.dumps(_RESULT)), 0.5)
+  assert [b["drawn"] for b in result["boxes"]] == [True, False] and result["min_score"] == 0.5
+  assert [o["score"] for o in predict.overlay_objects(result)] == [0.8]
+  result["consistency"] = predict.consistency.check(result, 0.5)
+  assert result["consistency"]["agree"]
+  lines = predict.header_lines(result)
+  assert "not drawn: 1 with score < 0.5" in lines
+  assert lines[-1] == f"tasks agree ({len(result['consistency']['checked'])} checks)"
+  # At 0 the low box counts: 2 boxes but 1 lesion answered.
+  result = predict.mark_drawn(json.loads(json.dumps(_RESULT)), 0.0)
+  result["consistency"] = predict.consistency.check(result)
+  assert [f["code"] for f in result["consistency"]["flags"]] == ["count_vs_boxes",
+                                                                 "report_side_vs_boxes"]
+  assert predict.header_lines(result)[-2:] == [
+      "disagree: VQA 'how many lesions?' 1 but 2 boxes drawn.",
+      "disagree: the report names the patient's left lung (image right) but lesions drawn in "
+      "both lungs."]
+
+
+def _manifest(tmp_path, boxes_column, shape=(40, 80)):
+  """m.csv listing PNGs of `shape` with their `boxes` (None: an empty cell)."""
+  import csv
+  with open(tmp_path / "m.csv", "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["image", "boxes"])
+    for name, boxes in boxes_column.items():
+      _save_png(tmp_path / "imgs" / name, np.full(shape, 99, np.uint8))
+      writer.writerow([f"imgs/{name}", "" if boxes is None else json.dumps(boxes)])
+  return tmp_path / "m.csv"
+
+
+def test_manifest_ground_truth_boxes(tmp_path):
+  path = _manifest(tmp_path, {"a.png": [dict(label="active tb", bbox=[10, 20, 30, 60])],
+                              "b.png": None})
+  truth = predict.manifest_ground_truth(path)
+  assert truth == {tmp_path / "imgs" / "a.png": [dict(bbox=[0.25, 0.25, 0.75, 0.75], label="active tb")],
+                   tmp_path / "imgs" / "b.png": []}  # an empty cell: no lesions
+  assert list(truth) == predict.collect_inputs(path).files
+  (tmp_path / "n.jsonl").write_text(
+      '{"path": "imgs/a.png", "boxes": [{"label": "latent tb", "bbox": [0.1, 0.1, 0.2, 0.3]}]}\n'
+      '{"path": "imgs/b.png"}\n')
+  truth = predict.manifest_ground_truth(tmp_path / "n.jsonl", "normalized")
+  assert truth == {tmp_path / "imgs" / "a.png": [dict(bbox=pytest.approx([0.1, 0.1, 0.2, 0.3]),
+                                                      label="latent tb")]}
+  (tmp_path / "bad.jsonl").write_text(
+      '{"image": "imgs/a.png", "boxes": [{"label": "active tb", "bbox": [0, 0, 50, 90]}]}\n')
+  with pytest.raises(errors.Error, match=r"bad.jsonl:1.boxes\[0\].bbox: .* outside the 80x40 image"):
+    predict.manifest_ground_truth(tmp_path / "bad.jsonl")
+
+
+def test_ground_truth_consistency_and_summary_end_to_end(tmp_path):
+  path = _manifest(tmp_path, {"a.png": [dict(label="active tb", bbox=[96, 32, 144, 128])],
+                              "b.png": None}, shape=(160, 320))
+  files = predict.collect_inputs(path).files
+  summary = predict.predict_files(_TbRunner(), files, tmp_path / "out", progress=False, min_score=0.5,
+                                  ground_truth=predict.manifest_ground_truth(path))
+  out = _outputs(tmp_path / "out")
+  assert out["a"]["ground_truth"] == dict(boxes=[dict(bbox=pytest.approx([0.6, 0.1, 0.9, 0.4]),
+                                                      label="active tb")])
+  assert out["b"]["ground_truth"] == dict(boxes=[])
+  assert [b["drawn"] for b in out["a"]["boxes"]] == [True, False]
+  assert out["a"]["consistency"]["agree"] and summary.checked == 2 and not summary.disagree
+  assert "0 of 2 image(s) with tasks that disagree (the JSON's 'consistency')." in summary.lines()
+  from PIL import Image
+  with Image.open(tmp_path / "out" / "a.png") as im:
+    px = np.asarray(im)
+  band = px.shape[0] - 160
+  left_edge = px[band + 100:band + 140, 32]  # the truth's, dashed
+  assert (left_edge == visualize.GT_COLOUR).all(-1).any() and (left_edge == visualize.GT_GAP).all(-1).any()
+  summary = predict.predict_files(_TbRunner(), files[:1], tmp_path / "out0", progress=False)
+  assert summary.disagree == [(files[0], ["count_vs_boxes", "report_side_vs_boxes"])]
+  assert f"  DISAGREE {files[0]}: count_vs_boxes, report_side_vs_boxes" in summary.lines()
+
+
+def test_cli_checks_min_score_and_ground_truth_before_loading(tmp_path, capsys):
+  path = _manifest(tmp_path, {"a.png": [dict(label="active tb", bbox=[30, 20, 10, 60])]})
+  argv = ["--checkpoint", str(tmp_path / "missing.npz"), "--model_variant", VARIANT,
+          "--input", str(path), "--out", str(tmp_path / "out"), "--no_progress"]
+  assert predict.main(argv + ["--min_score", "1.5"]) == 2
+  assert "--min_score must be in [0, 1], got 1.5" in capsys.readouterr().err
+  assert predict.main(argv) == 2
+  assert "m.csv:2.boxes[0].bbox: [30, 20, 10, 60] is empty" in capsys.readouterr().err
