@@ -8,14 +8,24 @@ dir, a half-copied step) is never restored: tmp dirs are removed at start-up and
 incomplete step dir is moved aside to `checkpoints/incomplete-{step}`.
 
 Each checkpoint holds `state` (the train state pytree: step, params, opt) and `meta`
-(JSON: step, the input iterator's state, eval metrics at that step).
+(JSON: step, the input iterator's state, eval metrics at that step, and a checksum of
+every state array). A restore reads `_CHECKPOINT_METADATA`, `meta` and the state's
+metadata first, refuses a state whose shapes differ from the run's (naming the first
+parameter), then checks every restored array against its checksum: a truncated,
+garbled or bit-flipped file is a `CorruptCheckpointError` naming the step folder.
+Resuming (`Checkpointer.restore_latest`, `restore_params` without a step) skips corrupt
+newer steps with a warning and uses the newest intact one.
 """
+import contextlib
+import json
 import logging
 import os
 import pathlib
 import shutil
+import sys
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from big_vision_cxr.errors import CheckpointError
@@ -23,10 +33,161 @@ from big_vision_cxr.errors import CheckpointError
 _ITEMS = ("state", "meta")
 
 
+class CorruptCheckpointError(CheckpointError):
+  """A complete checkpoint whose files cannot be read back as they were saved."""
+
+
 def is_complete(step_dir):
   step_dir = pathlib.Path(step_dir)
   return (step_dir.name.isdigit() and (step_dir / "_CHECKPOINT_METADATA").is_file()
           and all((step_dir / item).is_dir() for item in _ITEMS))
+
+
+def _path_name(path):
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _flatten(tree):
+  """{'params/llm/...': leaf} (dicts, lists and namedtuples alike, as orbax stores them)."""
+  return {_path_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _bit_sum(x):
+  """The sum (mod 2**32) of an array's bits: any one flipped bit changes it."""
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    x = x.astype(jnp.uint8)
+  unsigned = {1: jnp.uint8, 2: jnp.uint16}.get(x.dtype.itemsize, jnp.uint32)
+  bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+  return jnp.sum(bits, dtype=jnp.uint32)
+
+
+_bit_sums = jax.jit(lambda leaves: jax.tree.map(_bit_sum, leaves))
+
+
+def _checksums(flat):
+  """{path: bit sum} of a flat {path: array} dict (computed where the arrays live)."""
+  return {k: int(v) for k, v in jax.device_get(_bit_sums(flat)).items()}
+
+
+def _params_first(path):
+  return not path.startswith("params/"), path
+
+
+def _root_cause(e):
+  """The innermost error (orbax wraps tensorstore's, which names the file), on one line."""
+  while e.__cause__ or e.__context__:
+    e = e.__cause__ or e.__context__
+  lines = str(e).strip().splitlines()
+  return e, f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
+def _is_echo(unraisable):
+  """One of the tracebacks a failed orbax read leaves: its other reads end on a closed loop."""
+  e = unraisable.exc_value
+  return ((isinstance(e, RuntimeError) and str(e) == "Event loop is closed")
+          or (type(e) is Exception  # pylint: disable=unidiomatic-typecheck
+              and str(e).startswith("Encountered error while reading array index")))
+
+
+def _drop_echoes():
+  """From now on, sys.unraisablehook drops those echoes of an error already reported."""
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_orbax_echoes", False):
+    return
+
+  def hook(unraisable):
+    if not _is_echo(unraisable):
+      previous(unraisable)
+  hook.drops_orbax_echoes = True
+  sys.unraisablehook = hook
+
+
+@contextlib.contextmanager
+def _reading(step_dir, what):
+  """Any error in the block -> a CheckpointError naming `step_dir` and `what` (one line).
+
+  Unreadable or undecodable data (a ValueError at the root, which is what tensorstore,
+  json and utf-8 decoding raise) is a CorruptCheckpointError; anything else (permissions,
+  memory) is a plain CheckpointError, never a reason to skip the step.
+  """
+  try:
+    yield
+  except CheckpointError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # orbax raises bare Exceptions
+    _drop_echoes()
+    root, text = _root_cause(e)
+    cls = CorruptCheckpointError if isinstance(root, ValueError) else CheckpointError
+    raise cls(f"checkpoint {step_dir}: {what} cannot be read ({text}).") from e
+
+
+def _read_meta(step_dir):
+  """The checkpoint's `meta` JSON, after checking `_CHECKPOINT_METADATA` parses too."""
+  step_dir = pathlib.Path(step_dir)
+  with _reading(step_dir, "_CHECKPOINT_METADATA"):
+    if not isinstance(json.loads((step_dir / "_CHECKPOINT_METADATA").read_text()), dict):
+      raise ValueError("not a JSON object")
+  with _reading(step_dir, "meta"):
+    meta = ocp.JsonCheckpointHandler().restore(step_dir / "meta", ocp.args.JsonRestore())
+    if not isinstance(meta, dict) or meta.get("step") != int(step_dir.name):
+      raise ValueError(f"not the meta of step {step_dir.name}: {str(meta)[:80]}")
+  return meta
+
+
+def _stored_arrays(step_dir):
+  """{path: orbax ArrayMetadata (shape, dtype)} of the saved state."""
+  with (_reading(step_dir, "state metadata (state/_METADATA)"),
+        contextlib.closing(ocp.StandardCheckpointHandler()) as handler):
+    return _flatten(handler.metadata(pathlib.Path(step_dir) / "state").tree)
+
+
+def _check_fits(step_dir, stored, abstract_state):
+  """A CheckpointError naming the first array (params first) whose shape differs."""
+  wanted = _flatten(abstract_state)
+  for path in sorted(wanted.keys() | stored.keys(), key=_params_first):
+    if path not in stored:
+      raise CheckpointError(f"checkpoint {step_dir} does not fit this run: it has no {path} "
+                            f"(shape {tuple(wanted[path].shape)} here; another model or config?).")
+    if path not in wanted:
+      raise CheckpointError(f"checkpoint {step_dir} does not fit this run: it has {path} "
+                            f"(shape {tuple(stored[path].shape)}), which this run has not "
+                            f"(another model or config?).")
+    if tuple(stored[path].shape) != tuple(wanted[path].shape):
+      raise CheckpointError(
+          f"checkpoint {step_dir} does not fit this run: {path} has shape "
+          f"{tuple(stored[path].shape)} there but {tuple(wanted[path].shape)} here "
+          f"(another model variant or config?).")
+
+
+def _verify(step_dir, state, meta, stored):
+  """The restored arrays against the checksums saved in `meta` (same dtype only)."""
+  saved = meta.get("checksums") or {}
+  flat = {k: x for k, x in _flatten(state).items()
+          if k in saved and k in stored and jnp.dtype(x.dtype) == jnp.dtype(stored[k].dtype)}
+  bad = [k for k, v in _checksums(flat).items() if v != saved[k]]
+  if bad:
+    raise CorruptCheckpointError(
+        f"checkpoint {step_dir}: {len(bad)} state array(s) differ from what was saved "
+        f"(checksum mismatch, first {min(bad, key=_params_first)}): a corrupt file under "
+        f"{step_dir}/state.")
+
+
+def _newest_readable(folder, steps, read):
+  """(step, read(step), [(skipped step, error)]) for the newest step whose read works.
+
+  Only corrupt steps are skipped; none readable is a CheckpointError naming them all.
+  """
+  skipped = []
+  for step in sorted(steps, reverse=True):
+    try:
+      return step, read(step), skipped
+    except CorruptCheckpointError as e:
+      skipped.append((step, e))
+  raise CheckpointError(f"no checkpoint under {folder} can be restored (steps "
+                        f"{', '.join(str(s) for s, _ in skipped)}): "
+                        + " ".join(str(e) for _, e in skipped))
 
 
 class Checkpointer:
@@ -44,13 +205,17 @@ class Checkpointer:
     if jax.process_index() == 0:
       self.directory.mkdir(parents=True, exist_ok=True)
       self._set_aside_incomplete()
-    if jax.process_count() > 1:  # the others look at the directory only once it is tidied
-      ocp.multihost.sync_global_processes("bvcxr_checkpointer_init")
+    self._sync("bvcxr_checkpointer_init")  # the others look at the directory once it is tidied
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None, create=True, cleanup_tmp_directories=True,
         enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
     self._metrics = {}  # step -> metric value, for the steps still on disk
+
+  @staticmethod
+  def _sync(key):
+    if jax.process_count() > 1:
+      ocp.multihost.sync_global_processes(key)
 
   def _set_aside_incomplete(self):
     for path in self.directory.iterdir():
@@ -63,6 +228,18 @@ class Checkpointer:
         logging.warning("Checkpoint %s is incomplete; moved to %s, never restored.", path, target)
         os.replace(path, target)
 
+  def _set_aside_corrupt(self, step):
+    """Moves step to `corrupt-{step}` (kept for inspection, never restored); -> its new path."""
+    target, n = self.directory / f"corrupt-{step}", 1
+    while target.exists():
+      target, n = self.directory / f"corrupt-{step}-{n}", n + 1
+    if jax.process_index() == 0:
+      os.replace(self.directory / str(step), target)
+    self._sync(f"bvcxr_set_aside_{step}")
+    self._manager.reload()
+    self._metrics.pop(step, None)
+    return target
+
   def complete_steps(self):
     self._manager.reload()
     return sorted(s for s in self._manager.all_steps() if is_complete(self.directory / str(s)))
@@ -74,7 +251,8 @@ class Checkpointer:
   def save(self, step, state, *, input_state=None, metrics=None):
     """Starts writing checkpoint `step` (async); the previous write is finished first."""
     self._manager.wait_until_finished()
-    meta = {"step": int(step), "input_state": input_state, "metrics": dict(metrics or {})}
+    meta = {"step": int(step), "input_state": input_state, "metrics": dict(metrics or {}),
+            "checksums": _checksums(_flatten(state))}
     self._manager.save(int(step), args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
     if self.best_metric and self.best_metric in meta["metrics"]:
@@ -96,20 +274,55 @@ class Checkpointer:
         self._manager.delete(step)
         self._metrics.pop(step, None)
 
+  def _restore(self, step, abstract_state):
+    step_dir = self.directory / str(step)
+    if not is_complete(step_dir):
+      raise CheckpointError(f"checkpoint {step_dir} is missing or incomplete.")
+    meta = _read_meta(step_dir)
+    stored = _stored_arrays(step_dir)
+    _check_fits(step_dir, stored, abstract_state)
+    with _reading(step_dir, "state"):
+      state = self._manager.restore(int(step), args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state)))["state"]
+    _verify(step_dir, state, meta, stored)
+    return state, meta
+
+  def _rank_all(self):
+    """Reads the best_metric of every step on disk; an unreadable meta is set aside."""
+    if not self.best_metric:
+      return
+    for s in self.complete_steps():
+      if s not in self._metrics:
+        try:
+          metrics = _read_meta(self.directory / str(s)).get("metrics") or {}
+        except CorruptCheckpointError as e:
+          logging.warning("%s Moved to %s, never restored.", e, self._set_aside_corrupt(s))
+          continue
+        if self.best_metric in metrics:
+          self._metrics[s] = float(metrics[self.best_metric])
+
   def restore(self, step, abstract_state):
     """Returns (state, meta) of `step`, laid out like `abstract_state` (with shardings)."""
-    if not is_complete(self.directory / str(step)):
-      raise CheckpointError(f"checkpoint {self.directory / str(step)} is missing or incomplete.")
-    out = self._manager.restore(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-    meta = out["meta"]
-    if self.best_metric:
-      for s in self._manager.all_steps():
-        if s not in self._metrics and is_complete(self.directory / str(s)):
-          m = self._manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-          if self.best_metric in m["meta"]["metrics"]:
-            self._metrics[s] = float(m["meta"]["metrics"][self.best_metric])
-    return out["state"], meta
+    state, meta = self._restore(step, abstract_state)
+    self._rank_all()
+    return state, meta
+
+  def restore_latest(self, abstract_state):
+    """(step, state, meta) of the newest checkpoint that restores; None when there is none.
+
+    Newer corrupt ones are moved to `corrupt-{step}` with a warning naming them; when
+    none restores, a CheckpointError names them all (and nothing is moved).
+    """
+    steps = self.complete_steps()
+    if not steps:
+      return None
+    step, (state, meta), skipped = _newest_readable(
+        self.directory, steps, lambda s: self._restore(s, abstract_state))
+    for bad, e in skipped:
+      logging.warning("Skipping checkpoint step %d: %s Resuming from step %d instead; step %d "
+                      "is kept as %s.", bad, e, step, bad, self._set_aside_corrupt(bad))
+    self._rank_all()
+    return step, state, meta
 
   def wait(self):
     self._manager.wait_until_finished()
@@ -119,33 +332,38 @@ class Checkpointer:
     self._manager.close()
 
 
-def latest_complete_step(workdir):
-  folder = pathlib.Path(workdir) / "checkpoints"
-  steps = sorted(int(p.name) for p in folder.iterdir() if is_complete(p)) if folder.is_dir() else []
-  if not steps:
-    raise CheckpointError(f"{workdir}: no complete checkpoint under {folder}.")
-  return steps[-1]
+def _read_params(step_dir):
+  """(params, step) of one complete step folder, checked against its checksums."""
+  if not is_complete(step_dir):
+    raise CheckpointError(f"checkpoint {step_dir} is missing or incomplete.")
+  meta = _read_meta(step_dir)
+  stored = _stored_arrays(step_dir)
+  with _reading(step_dir, "state"), contextlib.closing(ocp.StandardCheckpointHandler()) as h:
+    state = h.restore(step_dir.absolute() / "state")
+  if "params" not in state:
+    raise CheckpointError(f"{step_dir}: the saved state has no 'params' (keys: {sorted(state)}).")
+  _verify(step_dir, state, meta, stored)
+  return state["params"], int(step_dir.name)
 
 
 def restore_params(workdir, step=None):
   """The params of a checkpoint (workdir, or workdir/checkpoints/STEP) -> (params, step).
 
-  Read-only: unlike `Checkpointer` it never moves, cleans or creates anything,
-  so it is safe on the workdir of a running training.
+  Without a step: the newest complete one that restores (a corrupt newer one is skipped
+  with a warning). Read-only: unlike `Checkpointer` it never moves, cleans or creates
+  anything, so it is safe on the workdir of a running training.
   """
   path = pathlib.Path(workdir)
   if path.name.isdigit() and is_complete(path):
-    step_dir = path
-  else:
-    step = latest_complete_step(path) if step is None else int(step)
-    step_dir = path / "checkpoints" / str(step)
-    if not is_complete(step_dir):
-      raise CheckpointError(f"checkpoint {step_dir} is missing or incomplete.")
-  try:
-    state = ocp.StandardCheckpointer().restore(step_dir.absolute() / "state")
-  except Exception as e:  # pylint: disable=broad-except  # orbax raises bare Exceptions
-    raise CheckpointError(f"checkpoint {step_dir} cannot be read: {type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''}") from e
-  if "params" not in state:
-    raise CheckpointError(f"{step_dir}: the saved state has no 'params' (keys: {sorted(state)}).")
-  return state["params"], int(step_dir.name)
+    return _read_params(path)
+  folder = path / "checkpoints"
+  if step is not None:
+    return _read_params(folder / str(int(step)))
+  steps = [int(p.name) for p in folder.iterdir() if is_complete(p)] if folder.is_dir() else []
+  if not steps:
+    raise CheckpointError(f"{workdir}: no complete checkpoint under {folder}.")
+  step, (params, _), skipped = _newest_readable(
+      folder, steps, lambda s: _read_params(folder / str(s)))
+  for bad, e in skipped:
+    logging.warning("Skipping checkpoint step %d: %s Using step %d instead.", bad, e, step)
+  return params, step

@@ -60,6 +60,19 @@ def test_half_written_checkpoints_are_never_picked(tmp_path):
   ckpt.close()
 
 
+def test_meta_holds_checksums_and_a_checkpoint_without_them_still_restores(tmp_path):
+  ckpt = checkpointing.Checkpointer(tmp_path, async_save=False)
+  ckpt.save(1, _state(1))
+  meta_file = tmp_path / "checkpoints" / "1" / "meta" / "metadata"
+  meta = json.loads(meta_file.read_text())
+  assert sorted(meta["checksums"]) == ["params/w", "step"]
+  del meta["checksums"]  # as written before checksums were stored
+  meta_file.write_text(json.dumps(meta))
+  state, _ = ckpt.restore(1, _abstract())
+  np.testing.assert_array_equal(state["params"]["w"], np.full((3, 4), 1.0))
+  ckpt.close()
+
+
 @pytest.mark.slow
 def test_sigkill_mid_run_then_resume_matches_uninterrupted_run(tmp_path):
   steps, kill_after = 16, 8
