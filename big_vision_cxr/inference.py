@@ -63,6 +63,7 @@ class Loaded:
   class_names: tuple
   pp_image: str  # training's image preprocessing; "" = the default
   provenance: dict
+  config: object = None  # the training config (stored or given), None for a bare .npz
 
   @property
   def image_size(self):
@@ -154,7 +155,7 @@ def load(checkpoint, *, config=None, model_variant=None, tokenizer=None, vqvae=N
   codec = None if vqvae_path is None else seg_codec_lib.SegCodec.from_npz(vqvae_path)
   return Loaded(model=paligemma.Model(**model_cfg), model_cfg=model_cfg,
                 params=params, tokenizer=tok, seg_codec=codec, prompts=prompts,
-                class_names=class_names, pp_image=pp_image, provenance=provenance)
+                class_names=class_names, pp_image=pp_image, provenance=provenance, config=config)
 
 
 # ----------------------------------------------------------------------------

@@ -94,6 +94,8 @@ def export(checkpoint, out_dir, *, config=None, model_variant=None, tokenizer=No
     raise ServingError(f"the processor's <image> id {processor.image_token_id} differs from the "
                        f"model's image_token_index {hf_config['image_token_index']}.")
   provenance = dict(loaded.provenance, exported_from="big_vision_cxr.serving")
+  if loaded.config is not None:  # the data, model and recipe it was trained with
+    provenance["training_config"] = json.loads(loaded.config.to_json_best_effort())
   atomic.write_text(pathlib.Path(out_dir) / "big_vision_cxr_provenance.json",
                     json.dumps(provenance, indent=2))
   return out_dir

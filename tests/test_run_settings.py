@@ -141,3 +141,13 @@ def test_resuming_with_other_class_names_is_refused(trained, tmp_path):
   config.total_steps = 3
   with pytest.raises(run_settings.SettingsError, match=r"resuming: class_names.*'uncertain tb'"):
     train.train(config, workdir)
+
+
+def test_hf_export_of_a_workdir_records_the_training_data_and_settings(trained, tmp_path):
+  from big_vision_cxr import serving  # pylint: disable=g-import-not-at-top
+  assert serving.main(["--checkpoint", str(trained), "--out", str(tmp_path / "hf")]) == 0
+  provenance = json.loads((tmp_path / "hf" / "big_vision_cxr_provenance.json").read_text())
+  assert provenance["class_names"] == ["active tb", "uncertain tb"]
+  datasets = provenance["training_config"]["input"]["datasets"]
+  assert list(datasets) == ["hospital"] and datasets["hospital"]["source"] == "manifest"
+  assert (tmp_path / "hf" / "model.safetensors").stat().st_mode & 0o777 == 0o644
