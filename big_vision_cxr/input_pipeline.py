@@ -5,10 +5,9 @@
     state = it.get_state()  # JSON-serialisable; it.set_state(state) resumes exactly
 
 Design (the config shape is in docs/DATA.md):
-- Every dataset in `config.datasets` is read into source records (cached per
-  config), split by patient (`data/splits.py`; a dataset's `split_map` renames
-  the source's given splits, e.g. {'val': 'test'}, and maps to None to re-split
-  by patient hash), and the requested split is curated into the tasks' examples
+- Every dataset in `config.datasets` is read into source records, named and
+  split by patient (`data/datasets.py`: `source_name`, `patient_id_prefix`,
+  `split_map`), and the requested split is curated into the tasks' examples
   (`data/curation.py`). Examples are grouped into mixture units: one
   per task (`mix_by='task'`, the paper's p_t ∝ 1/N_t) or one per (dataset,
   task) (`mix_by='dataset_task'`).
@@ -22,7 +21,11 @@ Design (the config shape is in docs/DATA.md):
   {'next_example': g, 'unit_counts': {unit: examples drawn}}.
 - `object_tasks_positives_only=True` keeps (in training only) just the
   detection/segmentation examples with at least one object.
-- Datasets are read by the source their `source` names (`registry.DATA_SOURCES`).
+- Datasets are read by the source their `source` names (`registry.DATA_SOURCES`);
+  a record's `source` is its dataset's name (or `source_name`).
+- A patient in two datasets, or in a trained run's training split and the
+  evaluated split (`train_config`), is an error or left out
+  (`shared_patients`; data/patients.py); `patient_overlap` reports it.
 - Class names (detect/segment prompts): config.class_names, else those present
   in the datasets (`class_names(config)`); an explicit `class_names=` argument
   wins (a stored run evaluated later is prompted exactly as it was trained).
@@ -33,9 +36,7 @@ Design (the config shape is in docs/DATA.md):
   carry no text (evaluators prompt with the ground truths' prefixes).
 """
 import collections
-import dataclasses
 import hashlib
-import json
 import logging
 import math
 
@@ -43,19 +44,17 @@ import numpy as np
 
 from big_vision_cxr import errors
 from big_vision_cxr import tokenizer as tokenizer_lib
-from big_vision_cxr.data import curation, phantom, prompts, splits
+from big_vision_cxr.data import curation, datasets, patients, phantom, prompts, splits
 from big_vision_cxr.pp import builder, ops_image
-from big_vision_cxr.registry import DATA_SOURCES
 
 TASK_IDS = {t: i for i, t in enumerate(prompts.TASKS)}
 DEFAULTS = dict(
     split="train", split_seed=0, split_fractions=splits.DEFAULT_FRACTIONS, tasks=prompts.TASKS,
     mix_by="task", weights="inverse_size", class_names=None,
     pp_image=None, text_len=64, seg_from_boxes=False,
-    seg_codec=None, cache_images=True, object_tasks_positives_only=False)
+    seg_codec=None, cache_images=True, object_tasks_positives_only=False, shared_patients="error")
 OBJECT_TASKS = ("detection", "segmentation")
 _M64 = (1 << 64) - 1
-_RECORDS = {}
 
 
 class InputError(errors.Error):
@@ -87,28 +86,14 @@ def _name_hash(name):
   return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big")
 
 
-def load_records(name, cfg):
-  """(records, skips) of one dataset config, read by its source; cached per (name, config)."""
-  cfg = _plain(cfg)
-  key = (name, json.dumps(cfg, sort_keys=True, default=str))
-  if key in _RECORDS:
-    return _RECORDS[key]
-  try:
-    source = DATA_SOURCES.get(cfg.get("source"))
-  except KeyError as e:
-    raise InputError(f"dataset {name!r}: {e.args[0]}") from None
-  out = source(name, cfg)
-  if len(out[1]):
-    logging.warning("dataset %s: %d files skipped: %s", name, len(out[1]), out[1].summary()["items"][:5])
-  _RECORDS[key] = out
-  return out
+load_records = datasets.load  # (name, dataset config) -> (records, skips), cached
 
 
 def _datasets(config):
-  datasets = _plain(config["datasets"]) if "datasets" in _plain(config) else {}
-  if not datasets:
+  cfgs = _plain(config["datasets"]) if "datasets" in _plain(config) else {}
+  if not cfgs:
     raise InputError("config.datasets is empty: name at least one dataset")
-  return datasets
+  return cfgs
 
 
 def class_names(config):
@@ -117,8 +102,8 @@ def class_names(config):
   given = _get(config, "class_names")
   if given:
     return tuple(sorted(given))
-  datasets = _datasets(config)
-  names = sorted({l for name in sorted(datasets) for r in load_records(name, datasets[name])[0]
+  cfgs = _datasets(config)
+  names = sorted({l for name in sorted(cfgs) for r in load_records(name, cfgs[name])[0]
                   for l in r.objects.label})
   return tuple(names) or phantom.CLASS_NAMES
 
@@ -135,9 +120,37 @@ def _seg_codec(config, seg_codec):
   return seg_codec_lib.from_config(_get(config, "seg_codec"))
 
 
-def curated_units(config, *, split, seg_codec=None, tasks=None, class_names=None):
-  """OrderedDict {unit name: [curation.Example]} of `split` (see the module doc)."""
-  datasets = _datasets(config)
+def _split_records(config):
+  return datasets.split_all(_datasets(config), seed=_get(config, "split_seed"),
+                            fractions=_get(config, "split_fractions"))
+
+
+def _records(config, split=None, train_config=None):
+  """({dataset: split records}, overlap report), the shared patients handled."""
+  train, train_split = None, None
+  if train_config is not None:
+    if split is None:
+      raise InputError("train_config needs the evaluated split")
+    train_split = _get(train_config, "split")
+    train = {n: [r for r in recs if r.split == train_split]
+             for n, recs in _split_records(train_config).items()}
+  return patients.resolve(_split_records(config), policy=_get(config, "shared_patients"),
+                          train=train, split=split, train_split=train_split)
+
+
+def patient_overlap(config, *, split=None, train_config=None):
+  """The patients `config` shares across its datasets and, given `train_config` (the
+  trained run's input config) and the evaluated `split`, with train_config's training
+  split, as `patients.resolve`'s JSON-able report (what shared_patients='drop' leaves
+  out); raises SharedPatientsError under shared_patients='error' when there are any."""
+  return _records(config, split, train_config)[1]
+
+
+def curated_units(config, *, split, seg_codec=None, tasks=None, class_names=None,
+                  train_config=None):
+  """OrderedDict {unit name: [curation.Example]} of `split` (see the module doc);
+  `train_config`: as in `evaluation`."""
+  cfgs = _datasets(config)
   tasks = tuple(tasks or _get(config, "tasks"))
   unknown = set(tasks) - set(prompts.TASKS)
   if unknown:
@@ -145,19 +158,14 @@ def curated_units(config, *, split, seg_codec=None, tasks=None, class_names=None
   mix_by = _get(config, "mix_by")
   if mix_by not in ("task", "dataset_task"):
     raise InputError(f"config.mix_by must be 'task' or 'dataset_task', got {mix_by!r}")
-  loaded = {name: load_records(name, datasets[name])[0] for name in sorted(datasets)}
+  loaded, _ = _records(config, split, train_config)
   names = _class_names(config, class_names)
-  fractions = tuple(_get(config, "split_fractions"))
   units = collections.OrderedDict()
   if mix_by == "task":
     for task in tasks:
       units[task] = []
   for name, recs in loaded.items():
-    ds_cfg = _plain(datasets[name])
-    split_map = ds_cfg.get("split_map", {})
-    seg_from_boxes = ds_cfg.get("seg_from_boxes", _get(config, "seg_from_boxes"))
-    recs = [dataclasses.replace(r, split=split_map.get(r.split, r.split)) for r in recs]
-    recs = splits.apply(recs, seed=_get(config, "split_seed"), fractions=fractions)
+    seg_from_boxes = _plain(cfgs[name]).get("seg_from_boxes", _get(config, "seg_from_boxes"))
     for rec in recs:
       if rec.split != split:
         continue
@@ -342,7 +350,7 @@ def training(config, *, batch_size, seed, tokenizer, process_index=0, process_co
 
 
 def evaluation(config, *, task, split, batch_size, seg_codec=None, process_index=0,
-               process_count=1, class_names=None, image_size=None):
+               process_count=1, class_names=None, image_size=None, train_config=None):
   """Yields (batch, ground_truths) over every `task` example of `split`, in order.
 
   The batch holds 'image' [B, size, size, 3] f32 and 'valid' [B] bool; evaluators
@@ -350,13 +358,15 @@ def evaluation(config, *, task, split, batch_size, seg_codec=None, process_index
   takes examples p, p + P, ...; every process yields the same number of batches
   (multi-host jit needs it), padded by repeating an example with valid=False;
   `ground_truths` lists only the valid rows, which come first. seg_codec,
-  class_names, image_size: as in `training`.
+  class_names, image_size: as in `training`. train_config: the input config the
+  evaluated model was trained on (when it is not `config`): patients of its
+  training split found in `split` are an error, or left out (shared_patients).
   """
   if task not in prompts.TASKS:
     raise InputError(f"unknown task {task!r}; known: {prompts.TASKS}")
   seg_codec = _seg_codec(dict(_plain(config), tasks=(task,)), seg_codec)
   units = curated_units(config, split=split, seg_codec=seg_codec, tasks=(task,),
-                        class_names=class_names)
+                        class_names=class_names, train_config=train_config)
   everything = [ex for unit in units.values() for ex in unit]
   if not everything:
     logging.warning("evaluation: no %s examples in split %r", task, split)

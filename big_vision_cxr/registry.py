@@ -46,6 +46,7 @@ DATA_SOURCES = Registry("data source", modules=(
     "big_vision_cxr.data.tbx11k",
     "big_vision_cxr.data.manifest",
     "big_vision_cxr.data.tfds_source",
+    "big_vision_cxr.data.voc",
 ))
 PP_OPS = Registry("preprocessing op", modules=(
     "big_vision_cxr.pp.ops_image",

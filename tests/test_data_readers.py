@@ -69,8 +69,10 @@ def fake_tbx11k(tmp_path):
   return tmp_path
 
 
-def test_tbx11k_layout_boxes_and_bad_input(tmp_path):
-  recs, skips = tbx11k.read(fake_tbx11k(tmp_path))
+def test_tbx11k_layout_boxes_and_bad_input(tmp_path, caplog):
+  with caplog.at_level("INFO"):
+    recs, skips = tbx11k.read(fake_tbx11k(tmp_path))
+  assert "holds 6 of the 7 images its lists name: a partial copy, fine; the other 1 are left out" in caplog.text
   recs = {r.image_id: r for r in recs}
   assert sorted(recs) == ["h1", "tb0001", "tb0002"]
   assert recs["h1"].label == "normal" and len(recs["h1"].objects) == 0

@@ -8,7 +8,7 @@ import pytest
 from scipy import stats
 
 from big_vision_cxr import input_pipeline as ip
-from big_vision_cxr.data import prompts
+from big_vision_cxr.data import datasets, prompts
 from big_vision_cxr.pp import builder, ops_image, ops_text
 
 TASKS = ("diagnosis", "vqa", "report", "detection")
@@ -143,8 +143,8 @@ def test_object_tasks_positives_only_filters_training_not_evaluation(tok):
 
 
 def test_config_errors(tok):
-  with pytest.raises(ip.InputError, match="dataset 'x': Unknown data source 'nope'; known: manifest, "
-                                          "phantom, tbx11k, tfds"):
+  with pytest.raises(datasets.DatasetError, match="dataset 'x': Unknown data source 'nope'; known: "
+                                                  "manifest, phantom, tbx11k, tfds, voc"):
     ip.training(config(datasets={"x": dict(source="nope")}), batch_size=2, seed=0, tokenizer=tok)
   with pytest.raises(builder.PPError, match=r"gives images of shape \(32, 32, 1\).*\(64, 64, 3\)"):
     next(ip.training(config(), batch_size=2, seed=0, tokenizer=tok, image_size=64))
@@ -159,7 +159,7 @@ def test_data_sources_registry_and_no_tfds_builders_import():
           "from big_vision_cxr.registry import DATA_SOURCES; print(DATA_SOURCES.names()); "
           "print(sorted(m for m in ('tfds_builders', 'tensorflow_datasets') if m in sys.modules))")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-  assert out.split("\n")[:2] == ["['manifest', 'phantom', 'tbx11k', 'tfds']", "[]"]
+  assert out.split("\n")[:2] == ["['manifest', 'phantom', 'tbx11k', 'tfds', 'voc']", "[]"]
   package = pathlib.Path(ip.__file__).parent
   assert not [p for p in package.rglob("*.py")
               if re.search(r"^\s*(from|import) tfds_builders", p.read_text(), re.M)]
@@ -268,3 +268,48 @@ def test_evaluation_hosts_get_equal_batch_counts():
   for h in hosts:
     for batch, gts in h:
       assert batch["valid"].sum() == len(gts) and batch["image"].shape[0] == 4
+
+
+def test_every_source_type_names_its_records_after_the_dataset(tmp_path):
+  from test_data_readers import fake_tbx11k  # pylint: disable=import-outside-toplevel
+  from test_data_voc import CLASS_MAP, voc_tree  # pylint: disable=import-outside-toplevel
+  from test_patients import manifest  # pylint: disable=import-outside-toplevel
+  for d in ("t", "v"):
+    (tmp_path / d).mkdir()
+  cfgs = {"ph": dict(source="phantom", n=4, size=32),
+          "tb": dict(source="tbx11k", path=str(fake_tbx11k(tmp_path / "t"))),
+          "hosp": manifest(tmp_path / "m", ["p0", "p1"]),
+          "nih": dict(manifest(tmp_path / "n", ["p0"]), preset="nih_cxr14",
+                      columns={"label": "label"}),
+          "v": dict(source="voc", path=str(voc_tree(tmp_path / "v")), class_map=CLASS_MAP,
+                    unknown_classes="skip"),
+          "renamed": dict(source="phantom", n=4, size=32, seed=3, source_name="synthetic",
+                          patient_id_prefix="x:")}
+  for name, cfg in cfgs.items():
+    recs, _ = ip.load_records(name, cfg)
+    assert {r.source for r in recs} == {cfg.get("source_name", name)}, name
+  assert all(r.patient_id.startswith("x:phantom-s3-") for r in ip.load_records("renamed", cfgs["renamed"])[0])
+  with pytest.raises(datasets.DatasetError, match="dataset 'a': source_name 'x/y' must be a non-empty "
+                                                  "string without '/'"):
+    ip.load_records("a", dict(cfgs["ph"], source_name="x/y"))
+
+
+def test_two_manifest_datasets_keep_their_names_in_per_source_metrics(tmp_path):
+  from big_vision_cxr.registry import EVALUATORS  # pylint: disable=import-outside-toplevel
+  from test_patients import manifest  # pylint: disable=import-outside-toplevel
+  two = {"hosp_a": manifest(tmp_path / "a", ["a0", "a1", "a2"], split="test"),
+         "hosp_b": manifest(tmp_path / "b", ["b0", "b1"], split="test")}
+  gts = [g for _, gt in ip.evaluation(config(datasets=two), task="diagnosis", split="test",
+                                      batch_size=4) for g in gt]
+  assert collections.Counter(g["source"] for g in gts) == {"hosp_a": 3, "hosp_b": 2}
+  metrics = EVALUATORS.get("diagnosis").compute_metrics([dict(g, prediction=g["suffix"]) for g in gts])
+  assert {k.split("/")[1] for k in metrics if k.startswith("by_source/")} == {"hosp_a", "hosp_b"}
+  assert metrics["by_source/hosp_a/accuracy"] == metrics["by_source/hosp_b/accuracy"] == 1.0
+  pooled = {n: dict(d, source_name="hospitals") for n, d in two.items()}
+  with pytest.raises(datasets.DatasetError, match=r"image id 'im0' of source 'hospitals' is given "
+                                                  r"twice \(datasets 'hosp_a' and 'hosp_b'\)"):
+    ip.curated_units(config(datasets=pooled), split="test")
+  pooled["hosp_b"] = dict(manifest(tmp_path / "b2", ["b0", "b1"], split="test", stem="b"),
+                          source_name="hospitals")
+  units = ip.curated_units(config(datasets=pooled, tasks=("diagnosis",)), split="test")
+  assert {e.source for e in units["diagnosis"]} == {"hospitals"} and len(units["diagnosis"]) == 5

@@ -144,6 +144,16 @@ def test_build_cli_and_pipeline_source(phantom_built, tmp_path, capsys):
   cfg = dict(datasets={"t": dict(source="tfds", name=str(phantom_built.data_dir))}, tasks=("diagnosis",))
   units = input_pipeline.curated_units(cfg, split="val")
   assert len(units["diagnosis"]) == phantom_built.info.splits["val"].num_examples
+  assert {e.source for e in units["diagnosis"]} == {"t"}  # the dataset's name, not the stored one
+
+
+def test_build_cli_says_a_partial_copy_is_fine(tmp_path, capsys):
+  from test_data_readers import fake_tbx11k  # pylint: disable=import-outside-toplevel
+  code, out, errs = run_build(capsys, "--config", "tbx11k", "--manual_dir", str(fake_tbx11k(tmp_path)),
+                              "--data_dir", str(tmp_path / "tfds"))
+  assert code == 0 and not errs
+  assert ("train=3; skipped 3; 1 images the source lists are not in this copy (a partial copy is "
+          "fine: only the images present are built)") in out
 
 
 def test_bad_tbx11k_files_are_counted_in_metadata(tmp_path):

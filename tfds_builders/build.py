@@ -28,8 +28,10 @@ def run(argv):
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=args.manual_dir))
   skipped = builder.info.metadata["skipped"]
   splits = ", ".join(f"{s}={i.num_examples}" for s, i in builder.info.splits.items())
-  print(f"built {builder.data_dir}: {splits}; skipped {skipped['count']}, "
-        f"listed but absent {skipped['absent_count']}")
+  absent = skipped["absent_count"]
+  print(f"built {builder.data_dir}: {splits}; skipped {skipped['count']}"
+        + (f"; {absent} images the source lists are not in this copy (a partial copy is fine: "
+           "only the images present are built)" if absent else ""))
   return 0
 
 

@@ -259,10 +259,10 @@ def image_paths(path):
 @DATA_SOURCES.register("manifest")
 def from_config(name, cfg):
   """(records, skips) of dict(source='manifest', path=..., preset='nih_cxr14'?, and
-  `read`'s columns, label_map, box_units, root, source (default: the dataset name))."""
+  `read`'s columns, label_map, box_units, root). The pipeline names the records'
+  source after the dataset (data/datasets.py)."""
   kwargs = dict(NIH_CXR14) if cfg.get("preset") == "nih_cxr14" else {}
-  for k in ("columns", "label_map", "box_units", "root", "source"):
+  for k in ("columns", "label_map", "box_units", "root"):
     if k in cfg:
       kwargs[k] = cfg[k]
-  kwargs.setdefault("source", name)
   return read(cfg["path"], skips=images.Skips(name), **kwargs)

@@ -15,22 +15,22 @@
   `make_json_anno.py` subtracts 1 after scaling; at 512 px that moves a box by
   0.2% of the image, below the loc-token bin of 1/1023). Boxes up to 1% past an
   edge are clipped (annotation rounding); a box further outside, or empty,
-  skips the image with a logged, counted reason naming the XML file.
+  skips the image with a logged, counted reason naming the XML file. The XML
+  is parsed by `voc.objects_from_xml` (size limit, no DOCTYPE/entities).
 - TBX11K has no patient ids: each image is its own patient (image stem).
-- Listed images absent from `root` (partial copies) are counted in
-  `skips.absent`, not logged one by one. A split whose list names images but
+- A partial copy is fine: listed images not in it are counted in
+  `skips.absent` (one log line, no error). A split whose list names images but
   gives no record (all absent, skipped or outside `categories`) is a
   `TBX11KError` saying why, and so is one image id listed twice (checked
   before any image is read).
 """
 import logging
 import pathlib
-import xml.etree.ElementTree as ET
 
 import numpy as np
 
 from big_vision_cxr import errors
-from big_vision_cxr.data import images, records
+from big_vision_cxr.data import images, records, voc
 from big_vision_cxr.registry import DATA_SOURCES
 
 SOURCE = "tbx11k"
@@ -40,8 +40,6 @@ CLASS_MAP = {
     "PulmonaryTuberculosis": "uncertain tb",
 }
 FOLDER_LABELS = {"tb": "tb", "health": "normal", "sick": "sick_non_tb"}
-EDGE_TOLERANCE = 0.01
-MAX_XML_BYTES = 1 << 20
 
 
 class TBX11KError(errors.Error):
@@ -68,53 +66,6 @@ def read_list(root, lists, split):
   return [l.strip() for l in text.splitlines() if l.strip()]
 
 
-def parse_xml(path):
-  """(width, height, [(class_name, difficult, xmin, ymin, xmax, ymax)]) from a VOC XML."""
-  path = images.safe_path(path.parent, path.name, max_bytes=MAX_XML_BYTES)
-  try:
-    tree = ET.parse(path)
-  except ET.ParseError as e:
-    raise TBX11KError(f"{path}: malformed XML: {e}") from e
-  root = tree.getroot()
-  try:
-    width = float(root.findtext("size/width"))
-    height = float(root.findtext("size/height"))
-    objs = []
-    for obj in root.iter("object"):
-      box = obj.find("bndbox")
-      objs.append((obj.findtext("name").strip(), int(obj.findtext("difficult") or 0),
-                   *(float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))))
-  except (TypeError, ValueError, AttributeError) as e:
-    raise TBX11KError(f"{path}: missing or non-numeric size/bndbox field ({e})") from e
-  if not np.isfinite([width, height, *(v for o in objs for v in o[2:])]).all():
-    raise TBX11KError(f"{path}: a non-finite number in <size> or <bndbox>")
-  if width <= 0 or height <= 0:
-    raise TBX11KError(f"{path}: invalid <size> {width}x{height}")
-  return width, height, objs
-
-
-def objects_from_xml(path):
-  """records.Objects (normalised boxes) and per-object 'difficult' flags from one XML."""
-  width, height, objs = parse_xml(path)
-  boxes, labels, difficult = [], [], []
-  for name, diff, x0, y0, x1, y1 in objs:
-    if name not in CLASS_MAP:
-      raise TBX11KError(f"{path}: unknown class {name!r}; known: {sorted(CLASS_MAP)}")
-    box = np.array([y0 / height, x0 / width, y1 / height, x1 / width])
-    if box.min() < -EDGE_TOLERANCE or box.max() > 1 + EDGE_TOLERANCE:
-      raise TBX11KError(f"{path}: box {name} ({x0}, {y0}, {x1}, {y1}) lies outside the "
-                        f"{width:g}x{height:g} image")
-    box = np.clip(box, 0, 1)
-    if box[2] <= box[0] or box[3] <= box[1]:
-      raise TBX11KError(f"{path}: empty box {name} ({x0}, {y0}, {x1}, {y1})")
-    boxes.append(box)
-    labels.append(CLASS_MAP[name])
-    difficult.append(diff)
-  bbox = np.asarray(boxes, np.float32).reshape(-1, 4)
-  n = len(labels)
-  return records.Objects(bbox, labels, None, [None] * n, [None] * n, [None] * n), difficult
-
-
 def _record(root, split, entry, load_images):
   """The SourceRecord of one listed image (raises on bad files)."""
   folder, stem = entry.split("/")[0], pathlib.Path(entry).stem
@@ -124,7 +75,7 @@ def _record(root, split, entry, load_images):
     xml = root / "annotations" / "xml" / f"{stem}.xml"
     if not xml.is_file():
       raise TBX11KError(f"{xml}: annotation missing for TB image {rel}")
-    objs, difficult = objects_from_xml(xml)
+    objs, difficult, _ = voc.objects_from_xml(xml, CLASS_MAP, error=TBX11KError)
     if not len(objs):
       raise TBX11KError(f"{xml}: TB image without boxes")
   else:
@@ -195,7 +146,9 @@ def read(path, *, splits=("train", "val"), lists="TBX11K", categories=("tb", "he
                       on_error)
   if absent:
     skips.absent += absent
-    logging.info("%s: %d listed images are absent from %s", SOURCE, len(absent), root)
+    logging.info("%s: %s holds %d of the %d images its lists name: a partial copy, fine; "
+                 "the other %d are left out", SOURCE, root, len(todo), len(todo) + len(absent),
+                 len(absent))
   for split, entries in listed.items():
     if entries and not any(r.split == split for r in out):
       raise _empty_split_error(root, lists, split, entries, categories, absent,
