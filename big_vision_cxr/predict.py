@@ -115,24 +115,9 @@ def manifest_ground_truth(path, box_units="pixels"):
   is a ManifestError naming line and field). Rows without the field are left
   out, and so are rows whose image cannot be measured (predict names those).
   """
-  # pylint: disable=protected-access
-  path = pathlib.Path(path)
-  out = {}
-  for line, row in manifest_lib._rows(path):
-    if isinstance(row, Exception) or "boxes" not in row:
-      continue
-    where = f"{path}:{line}"
-    specs = manifest_lib._json_field(row["boxes"], f"{where}: boxes")
-    image = row[next(k for k in manifest_lib.IMAGE_KEYS if k in row)]
-    try:
-      shape = images_lib.image_shape(image, root=path.parent) if specs else (1, 1)
-    except (errors.Error, OSError):
-      continue
-    objs = manifest_lib.objects_from_boxes(specs, shape, box_units, where)
-    out[images_lib.safe_path(path.parent, image, must_exist=False)] = [
-        dict(bbox=[float(v) for v in box], label=label)
-        for box, label in zip(objs.bbox, objs.label)]
-  return out
+  return {image: [dict(bbox=[float(v) for v in box], label=label)
+                  for box, label in zip(objs.bbox, objs.label)]
+          for image, objs in manifest_lib.image_boxes(path, box_units).items()}
 
 
 def _entries(result):

@@ -1,4 +1,4 @@
-"""Shared test fixtures: where ../shared/data is, and skipping cleanly without it."""
+"""Shared test fixtures: where ../shared/data is, and skipping cleanly without it; session teardown."""
 import os
 import pathlib
 
@@ -22,3 +22,16 @@ def nih_dir():
   if not (NIH_DIR / "manifest.csv").is_file():
     pytest.skip(f"real NIH normals not found at {NIH_DIR}")
   return NIH_DIR
+
+
+def pytest_sessionfinish(session):
+  """Frees the session's arrays and compiled programs before an xdist worker reports that it
+  has finished. Otherwise that long collection runs after the report, execnet interrupts the
+  worker with SIGINT after 5 s, and the KeyboardInterrupt lands in hypothesis's gc callback
+  (a PytestUnraisableExceptionWarning at the end of a full run)."""
+  del session
+  import gc  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  if "jax" in sys.modules:
+    sys.modules["jax"].clear_caches()
+  gc.collect()

@@ -256,6 +256,30 @@ def image_paths(path):
   return out
 
 
+def image_boxes(path, box_units="pixels"):
+  """{image path: records.Objects} from the `boxes` field of an inference manifest's rows.
+
+  Rows without the field are left out, and so are rows whose image cannot be
+  measured (the caller names those when reading); a bad box is a ManifestError
+  naming line and field. Paths as in `image_paths`.
+  """
+  path = pathlib.Path(path)
+  out = {}
+  for line, row in _rows(path):
+    if isinstance(row, ManifestError) or "boxes" not in row:
+      continue
+    where = f"{path}:{line}"
+    specs = _json_field(row["boxes"], f"{where}: boxes")
+    image = row[next(k for k in IMAGE_KEYS if k in row)]
+    try:
+      shape = images.image_shape(image, root=path.parent) if specs else (1, 1)
+    except (errors.Error, OSError):
+      continue
+    out[images.safe_path(path.parent, image, must_exist=False)] = objects_from_boxes(
+        specs, shape, box_units, where)
+  return out
+
+
 @DATA_SOURCES.register("manifest")
 def from_config(name, cfg):
   """(records, skips) of dict(source='manifest', path=..., preset='nih_cxr14'?, and
