@@ -2,7 +2,7 @@
 
 python -m bench.scale_plan [--quick] [--json PATH] [--variants pg1_3b_224,...]
     [--devices 1,8] [--recipes paper,full,lora] [--remat off,on]
-    [--dtypes bfloat16,float32] [--batches 1,4,16] [--microbatches 1] [--chips]
+    [--dtypes bfloat16,float32] [--batches 1,4,16] [--microbatches 1] [--chips] [--measure]
 
 For each PaliGemma variant and option, the train state (f32 params, optimizer state) is
 built abstractly (`jax.eval_shape`) from `configs/cxr_mix.py` exactly as train.py builds
@@ -38,6 +38,7 @@ from unittest import mock
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from bench import common
@@ -107,7 +108,29 @@ def compile_step(config, mesh):
       params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params_shape)),
       trained=sum(int(np.prod(x.shape)) for x, t in zip(jax.tree.leaves(params_shape),
                                                          jax.tree.leaves(mask)) if t))
-  return compiled, counts
+
+  def inputs():
+    """Real (state, batch, rng) for `compiled`: initialised params, a zero batch."""
+    state = jax.jit(lambda r: {"step": jnp.zeros([], jnp.int32), "params": init(r),
+                               "opt": tx.init(init(r))}, out_shardings=state_sharding)(
+                                   jax.random.key(0))
+    zeros = jax.tree.map(lambda s: jax.device_put(np.zeros(s.shape, s.dtype), s.sharding), batch)
+    return state, zeros, jax.random.key(0)
+  return compiled, counts, inputs
+
+
+def measure_step(compiled, inputs):
+  """Runs the compiled step: (bytes of live arrays before it, peak RSS growth during it).
+
+  The first step is measured: the heap pages its temporaries leave are reused by later
+  steps (the allocator keeps them), so those grow the RSS by almost nothing.
+  """
+  state, batch, rng = inputs()
+  live = sum(x.nbytes for x in jax.live_arrays())
+  with common.PeakRSS() as peak:
+    state, metrics = jax.block_until_ready(compiled(state, batch, rng))
+  del state, metrics
+  return live, peak.peak_bytes
 
 
 def _cost(compiled):
@@ -141,15 +164,19 @@ def _depth(config, part):
   return int(model_common.model_config(config)[part]["depth"])
 
 
-def plan_row(variant, recipe, remat, dtype, batch, microbatches):
-  """One row: per-device bytes of the real step on all this process's devices."""
+def plan_row(variant, recipe, remat, dtype, batch, microbatches, measure=False):
+  """One row: per-device bytes of the real step on all this process's devices.
+
+  measure (1 device only): also runs the step and adds the measured live bytes before it
+  (vs args_gib) and the peak RSS growth during it (vs out - alias + temp).
+  """
   from big_vision_cxr import sharding  # pylint: disable=import-outside-toplevel
   n = jax.device_count()
   config = recipe_config(variant, recipe, remat, dtype, batch * n, microbatches)
   mesh = sharding.create_mesh(config.mesh)
   sharding.check_batch_fits(config.input.batch_size, mesh, microbatches)
   t0 = time.perf_counter()
-  compiled, counts = compile_step(config, mesh)
+  compiled, counts, inputs = compile_step(config, mesh)
   mem = compiled.memory_analysis()
   row = dict(variant=variant, recipe=recipe, remat=remat, dtype=dtype, devices=n,
              batch_per_device=batch, microbatches=microbatches,
@@ -159,6 +186,10 @@ def plan_row(variant, recipe, remat, dtype, batch, microbatches):
              temp_gib=mem.temp_size_in_bytes / GiB, alias_gib=mem.alias_size_in_bytes / GiB,
              xla_gflop_step=_cost(compiled) / 1e9, compile_s=time.perf_counter() - t0)
   row["peak_gib"] = row["args_gib"] + row["out_gib"] - row["alias_gib"] + row["temp_gib"]
+  if measure and n == 1:
+    live, growth = measure_step(compiled, inputs)
+    row.update(measured_live_gib=live / GiB, measured_rss_growth_gib=growth / GiB,
+               planned_growth_gib=row["out_gib"] - row["alias_gib"] + row["temp_gib"])
   return row
 
 
@@ -170,7 +201,8 @@ def worker(args):
         for dtype in args.dtypes.split(","):
           for batch in [int(b) for b in args.batches.split(",")]:
             try:
-              row = plan_row(variant, recipe, remat, dtype, batch, args.microbatches)
+              row = plan_row(variant, recipe, remat, dtype, batch, args.microbatches,
+                             args.measure)
               if args.flops:
                 t0 = time.perf_counter()
                 flops, layers = flops_per_example(variant, recipe, remat, dtype, batch)
@@ -191,6 +223,7 @@ def run_devices(devices, args, flops, timeout):
   cmd = [sys.executable, "-m", "bench.scale_plan", "--worker", "--variants", args.variants,
          "--recipes", args.recipes, "--remat", args.remat, "--dtypes", args.dtypes,
          "--batches", args.batches, "--microbatches", str(args.microbatches)]
+  cmd += ["--measure"] if args.measure else []
   out = subprocess.run(cmd + (["--flops"] if flops else []), env=env, cwd=REPO,
                        capture_output=True, text=True, timeout=timeout)
   rows = [json.loads(l[4:]) for l in out.stdout.splitlines() if l.startswith("ROW ")]
@@ -222,6 +255,8 @@ def main(argv=None):
   parser.add_argument("--batches", default=None, help="per-device batch (default 1,4,16; --quick: 4)")
   parser.add_argument("--microbatches", type=int, default=1)
   parser.add_argument("--chips", action="store_true", help="add the per-chip verdict columns")
+  parser.add_argument("--measure", action="store_true",
+                      help="1 device: also run the step, measure live bytes and peak RSS growth")
   parser.add_argument("--timeout", type=int, default=3600, help="seconds per device count")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--flops", action="store_true", help=argparse.SUPPRESS)
@@ -249,6 +284,8 @@ def main(argv=None):
              "microbatches", "params_m", "trained_m", "args_gib", "out_gib", "temp_gib",
              "alias_gib", "peak_gib", "gflop_per_example", "compile_s"]
   columns += [c for c, _, _ in CHIPS] if args.chips else []
+  columns += (["measured_live_gib", "planned_growth_gib", "measured_rss_growth_gib"]
+              if args.measure else [])
   columns += ["error"] if any("error" in r for r in rows) else []
   wall = time.perf_counter() - t0
   notes = [
