@@ -362,20 +362,20 @@ def train(config, workdir):
   summary = {"step": step, "train": last_row, "eval": eval_results, "records": eval_records,
              "state": state, "wall_s": wall}
 
-  # ---- The final table: each headline metric next to a trivial baseline.
+  # ---- The final table: each headline metric with its patient-bootstrap CI, next to a
+  # trivial baseline (evaluators/table.py; `python -m big_vision_cxr.evaluate` prints the same).
   if config.get("baseline_table") and eval_records:
-    rows, text = baselines.baseline_table(
-        evaluators, eval_records, eval_results,
-        majority=baselines.majority_answers(getattr(train_iter, "units", {})),
-        tasks={name: ev.task for name, ev in config.evals.items()},
-        table_metrics=config.get("table_metrics") or {})
-    summary["table"] = rows
-    print(text, flush=True)
+    from big_vision_cxr.evaluators import table as table_lib  # pylint: disable=g-import-not-at-top
+    majority = baselines.majority_answers(getattr(train_iter, "units", {}))
+    table = table_lib.results_table(evaluators, eval_records, eval_results, majority,
+                                    table_metrics_cfg=config.get("table_metrics") or {})
+    summary["table"] = table["rows"]
+    print(table_lib.to_text(table), flush=True)
     if jax.process_index() == 0:
       atomic.write_text(workdir / "final_metrics.json", json.dumps(
-          {"step": step, "eval": eval_results,
-           "table": [dict(task=t, metric=m, model=v, trivial=b) for t, m, v, b in rows]},
-          indent=1))
+          {"step": step, "eval": eval_results, "table": table["rows"], "notes": table["notes"],
+           "bootstrap": table["bootstrap"], "majority": baselines.to_json(majority)}, indent=1))
+      atomic.write_text(workdir / "final_metrics.md", table_lib.to_markdown(table))
   return summary
 
 

@@ -24,19 +24,15 @@ import ml_collections
 
 from big_vision_cxr.config import ConfigError, parse_arg
 from big_vision_cxr.data.prompts import TASKS
+from big_vision_cxr.evaluators.common import TASK_EVALS
 
 _ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        "big_vision_cxr", "assets")
 _SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
                        "shared", "data")
-# Evaluators: (type, what decoding needs, the metric shown in the final table).
-_EVALS = {
-    "diagnosis": dict(type="diagnosis", pred_kw=dict(max_decode_len=8)),
-    "vqa": dict(type="vqa", pred_kw=dict(max_decode_len=6)),
-    "report": dict(type="report", pred_kw=dict(max_decode_len=48)),
-    "detection": dict(type="detection", pred_kw=dict(max_decode_len=48)),
-    "segmentation": dict(type="segmentation", pred_kw=dict(max_decode_len=90)),
-}
+# Evaluators: TASK_EVALS, the type and decoding length of each task (evaluators/common.py).
+# The final table's first rows per eval (evaluators/table.py adds each task's headline
+# metrics: diagnosis sensitivity/specificity/ECE, ...); the first is the best_metric.
 TABLE_METRICS = {"diagnosis": ("accuracy", "auc"), "vqa": ("closed/accuracy", "all/exact_match"),
                  "report": ("bleu4", "rougeL"), "detection": ("ones/AP50", "mean_loc/AP50"),
                  "segmentation": ("ones/AP50", "mean_loc/AP50")}
@@ -100,7 +96,7 @@ def get_config(arg=None):
   c.keep_ckpts = 2
   c.best_metric = f"{tasks[0]}/{TABLE_METRICS[tasks[0]][0]}"
   c.best_mode = "max"
-  c.evals = {t: dict(_EVALS[t], task=t, split="val", batch_size=16, log_steps=1000)
+  c.evals = {t: dict(TASK_EVALS[t], task=t, split="val", batch_size=16, log_steps=1000)
              for t in tasks}
   c.table_metrics = {t: TABLE_METRICS[t] for t in tasks}
   c.baseline_table = False
@@ -149,5 +145,5 @@ def _demo(c, tasks, pretrain):
   c.total_steps = 1500 if pretrain else 600
   c.log_training_steps = 25
   c.ckpt_steps = 250
-  c.evals = {t: dict(_EVALS[t], task=t, split="test", batch_size=32, log_steps=0) for t in tasks}
+  c.evals = {t: dict(TASK_EVALS[t], task=t, split="test", batch_size=32, log_steps=0) for t in tasks}
   c.baseline_table = True

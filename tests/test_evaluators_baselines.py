@@ -1,10 +1,10 @@
-"""evaluators/baselines.py: majority answers and the model-vs-trivial table on hand-built records."""
+"""evaluators/baselines.py: majority answers, and the trivial column of the results table, on hand-built records."""
 import math
 import types
 
 import pytest
 
-from big_vision_cxr.evaluators import baselines, detection, diagnosis, vqa
+from big_vision_cxr.evaluators import baselines, detection, diagnosis, table, vqa
 
 DIAG = "answer en what is the diagnosis?"
 IS_TB, SIDE = "answer en is there tuberculosis?", "answer en which side?"
@@ -45,7 +45,7 @@ def test_trivial_records_replace_only_the_prediction():
   assert baselines.trivial_records([dict(prefix=IS_TB)], "vqa", {})[0]["prediction"] == ""
 
 
-def test_baseline_table_numbers_and_text():
+def test_results_table_puts_the_trivial_baseline_beside_the_model():
   majority = baselines.majority_answers(UNITS)
   diag = [_diag("tb", "tuberculosis", 0.9), _diag("normal", "normal", 0.2), _diag("normal", "tuberculosis", 0.6),
           _diag("tb", "normal", 0.4)]
@@ -62,31 +62,21 @@ def test_baseline_table_numbers_and_text():
   for name in records:
     ev = evaluators[name][0]
     results.update({f"{name}/{k}": v for k, v in ev.compute_metrics(records[name], **ev.metric_kw).items()})
-  tasks = {"diag": "diagnosis", "vqa": "vqa", "det": "detection", "unrun": "vqa"}
-  rows, text = baselines.baseline_table(
-      evaluators, records, results, majority, tasks=tasks,
-      table_metrics={"diag": ("accuracy", "auc", "no_such_metric"), "vqa": ("closed/accuracy", "all/exact_match"),
-                     "det": ("ones/AP50",), "unrun": ("closed/accuracy",)})
+  out = table.results_table(
+      evaluators, records, results, majority, n_boot=20,
+      table_metrics_cfg={"diag": ("accuracy", "auc", "no_such_metric"), "vqa": ("closed/accuracy", "all/exact_match"),
+                         "det": ("ones/AP50",), "unrun": ("closed/accuracy",)})
+  rows = {(r["task"], r["metric"]): (r["model"], r["trivial"]) for r in out["rows"]}
   # Diagnosis: the model gets 2 of 4 right, AUC 3/4 (0.9 and 0.4 against 0.2 and 0.6);
   # always 'tuberculosis' gets the 2 TB images, and P(tb) = 0.5 everywhere gives AUC 0.5.
   # VQA: the model 2 of 3 closed, 3 of 4 in all; always 'no' / 'left': 1 of 3 and 1 of 4.
   # Detection: the right box gives AP50 1, no boxes give 0.
-  want = [("diagnosis", "accuracy", 0.5, 0.5), ("diagnosis", "auc", 0.75, 0.5),
-          ("vqa", "closed/accuracy", 2 / 3, 1 / 3), ("vqa", "all/exact_match", 0.75, 0.25),
-          ("detection", "ones/AP50", 1.0, 0.0)]
-  assert [r[:2] for r in rows if r[1] != "no_such_metric"] == [w[:2] for w in want]
-  for (_, _, v, b), (_, _, wv, wb) in zip([r for r in rows if r[1] != "no_such_metric"], want):
-    assert (v, b) == (pytest.approx(wv), pytest.approx(wb))
-  (missing,) = [r for r in rows if r[1] == "no_such_metric"]
-  assert math.isnan(missing[2]) and math.isnan(missing[3])
-  assert text.splitlines() == [
-      "task          metric                model  trivial",
-      "-" * 50,
-      "diagnosis     accuracy              0.500    0.500",
-      "diagnosis     auc                   0.750    0.500",
-      "diagnosis     no_such_metric          nan      nan",
-      "vqa           closed/accuracy       0.667    0.333",
-      "vqa           all/exact_match       0.750    0.250",
-      "detection     ones/AP50             1.000    0.000"]
-  assert baselines.baseline_table(evaluators, records, results, majority, tasks=tasks,
-                                  table_metrics=None)[0] == []
+  want = {("diagnosis", "accuracy"): (0.5, 0.5), ("diagnosis", "auc"): (0.75, 0.5),
+          ("vqa", "closed/accuracy"): (2 / 3, 1 / 3), ("vqa", "all/exact_match"): (0.75, 0.25),
+          ("detection", "ones/AP50"): (1.0, 0.0)}
+  for key, (model, trivial) in want.items():
+    assert rows[key] == (pytest.approx(model), pytest.approx(trivial)), key
+  assert all(math.isnan(v) for v in rows[("diagnosis", "no_such_metric")])
+  assert [r["metric"] for r in out["rows"] if r["task"] == "diagnosis"] == [
+      "accuracy", "auc", "no_such_metric", "sensitivity", "specificity", "ece"]
+  assert {r["eval"] for r in out["rows"]} == {"diag", "vqa", "det"}  # 'unrun' has no records

@@ -2,10 +2,14 @@
 
 The trivial prediction is the most common training answer to the same prompt
 (diagnosis, VQA, report; P(tb) = 0.5) and no objects (detection, segmentation).
-`baseline_table` puts each metric of the model next to that of the baseline,
-scored by the same evaluator on the same records.
+The results table (table.py) puts each metric of the model next to that of the
+baseline, scored by the same evaluator on the same records. Training stores the
+answers with its final metrics (`to_json`); `training_majority` recomputes them
+from a run's training data.
 """
 import collections
+
+OBJECT_TASKS = ("detection", "segmentation")
 
 
 def majority_answers(units):
@@ -27,7 +31,7 @@ def trivial_records(records, task, majority):
   out = []
   for r in records:
     r = dict(r)
-    if task in ("detection", "segmentation"):
+    if task in OBJECT_TASKS:
       r.update(prediction="", objects=[], n_invalid=0)
     else:
       r["prediction"] = majority.get((task, r.get("prefix")), majority.get((task, None), ""))
@@ -37,26 +41,22 @@ def trivial_records(records, task, majority):
   return out
 
 
-def baseline_table(evaluators, records, results, majority, *, tasks, table_metrics):
-  """Per-task metrics of the model next to the trivial baseline's.
+def to_json(majority):
+  """`majority_answers`' dict as a JSON-able list [[task, prefix or None, answer], ...]."""
+  return [[task, prefix, answer] for (task, prefix), answer in majority.items()]
 
-  evaluators: {name: (evaluator, every)}; records: {name: prediction records};
-  results: {'name/metric': value}; majority: `majority_answers` of the training
-  data; tasks: {name: task} (config.evals[name].task); table_metrics: {name:
-  [metric, ...]} (config.table_metrics; None: no rows). Evaluators without
-  records are left out. Returns (rows, text): rows = [(task, metric, model, baseline)].
-  """
-  rows = []
-  for name, (evaluator, _) in evaluators.items():
-    if name not in records:
-      continue
-    task = tasks[name]
-    trivial = evaluator.compute_metrics(trivial_records(records[name], task, majority),
-                                        **evaluator.metric_kw)
-    for metric in (table_metrics or {}).get(name, ()):
-      model_value = results.get(f"{name}/{metric}", float("nan"))
-      rows.append((task, metric, model_value, float(trivial.get(metric, float("nan")))))
-  lines = [f"{'task':<13} {'metric':<18} {'model':>8} {'trivial':>8}",
-           "-" * 50]
-  lines += [f"{t:<13} {m:<18} {v:>8.3f} {b:>8.3f}" for t, m, v, b in rows]
-  return rows, "\n".join(lines)
+
+def from_json(rows):
+  return {(task, prefix): answer for task, prefix, answer in rows}
+
+
+def training_majority(input_config, *, class_names):
+  """`majority_answers` of a run's training split (its input config), without the object tasks."""
+  from big_vision_cxr import input_pipeline  # pylint: disable=g-import-not-at-top
+  from big_vision_cxr.data import prompts  # pylint: disable=g-import-not-at-top
+  config = input_config.to_dict() if hasattr(input_config, "to_dict") else dict(input_config)
+  tasks = [t for t in config.get("tasks") or prompts.TASKS if t not in OBJECT_TASKS]
+  if not tasks:
+    return {}
+  return majority_answers(input_pipeline.curated_units(
+      config, split=config.get("split", "train"), tasks=tasks, class_names=class_names))

@@ -5,7 +5,8 @@
 - Masks: `mask_to_rle` / `rle_to_mask` convert a bool [H, W] mask to and from the
   JSON form of a COCO RLE, dict(size=[H, W], counts=str) (column-major, as
   pycocotools writes it); records, predict.py's outputs and visualize read this one form.
-- `coco_ap`: pycocotools AP, AP50, AP75 per class, class mean and class-agnostic.
+- `coco_ap`: pycocotools AP, AP50, AP75 per class, class mean and class-agnostic;
+  `Matches` keeps the per-image matching so that resamples (bootstrap) only accumulate.
 - Objects: a record's predicted objects (stored, or parsed from its text) and
   their score under a rule of confidence.py.
 """
@@ -48,70 +49,123 @@ def rle_to_mask(rle):
     raise common.EvalError(f"a mask is not a COCO RLE {{size, counts}}: {e}.") from e
 
 
+IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)  # pycocotools' (AP averages them; AP50 is the first)
+RECALL = np.linspace(0.0, 1.0, 101)  # pycocotools' recall thresholds (101-point interpolation)
+
+
 def _ap_from_precision(precision):
-  """precision [T, R] slice -> (AP, AP50, AP75); nan when the class has no ground truth."""
+  """precision [T, R, K] slice -> (AP, AP50, AP75); nan when the class has no ground truth."""
   def mean(p):
     p = p[p > -1]
     return float(p.mean()) if p.size else float("nan")
   return mean(precision), mean(precision[0]), mean(precision[5])
 
 
-def coco_ap(images, iou_type="bbox"):
-  """COCO AP of images = [dict(height, width, gts=[ann], preds=[ann])].
+class Matches:
+  """pycocotools' per-image matching of `images`, done once; AP of any resample of them.
 
-  A gt ann is dict(label, bbox xywh[, segmentation: `mask_to_rle`'s dict]); a pred ann
-  adds score.
-  Returns {'AP', 'AP50', 'AP75', 'agnostic/...', 'class/<name>/...'}.
+  images = [dict(height, width, gts=[ann], preds=[ann])]: a gt ann is dict(label,
+  bbox xywh[, segmentation: `mask_to_rle`'s dict]); a pred ann adds score. Matching
+  an image's detections to its ground truth (COCOeval.evaluate) does not depend on
+  the other images, so `precision(indices)` runs pycocotools' own `accumulate` on
+  the stored per-image matches of `images[indices]` (repeats allowed: a bootstrap
+  resample). Area 'all' and maxDets 100 only (the other ranges are never read).
   """
-  names = sorted({g["label"] for im in images for g in im["gts"]})
-  cat = {n: i + 1 for i, n in enumerate(names)}
-  out = {}
-  if not names:
-    for key in ("AP", "AP50", "AP75", "agnostic/AP", "agnostic/AP50", "agnostic/AP75"):
-      out[key] = float("nan")
+
+  def __init__(self, images, iou_type="bbox"):
+    self.names = sorted({g["label"] for im in images for g in im["gts"]})
+    cat = {n: i + 1 for i, n in enumerate(self.names)}
+    # [n_images, K] ground-truth counts per class (the no-detection case needs them).
+    self._n_gt = np.array([[sum(g["label"] == n for g in im["gts"]) for n in self.names]
+                           for im in images], np.int64).reshape(len(images), len(self.names))
+    gt, dts = {"images": [], "annotations": [], "categories": [{"id": i, "name": n} for n, i in cat.items()]}, []
+    for k, im in enumerate(images):
+      image_id = k + 1
+      gt["images"].append({"id": image_id, "height": int(im["height"]), "width": int(im["width"])})
+      for g in im["gts"]:
+        ann = {"id": len(gt["annotations"]) + 1, "image_id": image_id, "category_id": cat[g["label"]],
+               "bbox": g["bbox"], "iscrowd": 0, "area": float(g["bbox"][2] * g["bbox"][3])}
+        if iou_type == "segm":
+          ann["segmentation"] = _pycocotools_rle(g["segmentation"])
+          ann["area"] = float(mask_lib.area(ann["segmentation"]))
+        gt["annotations"].append(ann)
+      for p in im["preds"]:
+        # A class with no ground truth gets id 0: ignored per class, counted class-agnostically.
+        d = {"image_id": image_id, "category_id": cat.get(p["label"], 0), "bbox": p["bbox"],
+             "score": float(p["score"])}
+        if iou_type == "segm":
+          d["segmentation"] = _pycocotools_rle(p["segmentation"])
+        dts.append(d)
+    # Class-agnostic: every box in one category. (pycocotools' useCats=0 would still
+    # drop detections whose category has no ground truth.)
+    agnostic_gt = dict(gt, categories=[{"id": 1, "name": "lesion"}],
+                       annotations=[dict(a, category_id=1) for a in gt["annotations"]])
+    self._evals = {}  # prefix -> (COCOeval, per-image matches [K][n_images]), None without detections
+    for prefix, gt_dict, dets in (("", gt, dts), ("agnostic/", agnostic_gt, [dict(d, category_id=1) for d in dts])):
+      if not (dets and self.names):
+        self._evals[prefix] = None
+        continue
+      with contextlib.redirect_stdout(io.StringIO()):
+        cgt = coco_lib.COCO()
+        cgt.dataset = gt_dict
+        cgt.createIndex()
+        ev = cocoeval.COCOeval(cgt, cgt.loadRes([dict(d) for d in dets]), iou_type)
+        params = ev.params
+        params.areaRng, params.areaRngLbl, params.maxDets = params.areaRng[:1], ["all"], [100]
+        ev.evaluate()
+      n = len(images)
+      self._evals[prefix] = ev, [ev.evalImgs[k * n:(k + 1) * n] for k in range(len(ev.params.catIds))]
+
+  def precision(self, indices=None):
+    """{'': [T, R, K], 'agnostic/': [T, R, 1]} interpolated precision of images[indices]
+    (default all), at IoU thresholds 0.50:0.05:0.95 and `RECALL`; -1 where a class has
+    no ground truth among them."""
+    indices = np.arange(len(self._n_gt)) if indices is None else np.asarray(indices)
+    has_gt = self._n_gt[indices].sum(0) > 0
+    out = {}
+    for prefix, stored in self._evals.items():
+      k = len(self.names) if not prefix else 1
+      if stored is None:  # no detections: precision 0 where there is ground truth
+        gt_k = has_gt if not prefix else has_gt.any(keepdims=True)
+        shape = (len(IOU_THRESHOLDS), len(RECALL), k)
+        out[prefix] = np.broadcast_to(np.where(gt_k, 0.0, -1.0), shape).copy()
+        continue
+      ev, per_image = stored
+      ev.evalImgs = [e for image_evals in per_image for e in (image_evals[i] for i in indices)]
+      # pylint: disable-next=protected-access
+      ev.params.imgIds = ev._paramsEval.imgIds = list(range(len(indices)))
+      with contextlib.redirect_stdout(io.StringIO()):
+        ev.accumulate()
+      out[prefix] = ev.eval["precision"][:, :, :, 0, 0]
     return out
-  gt, dts = {"images": [], "annotations": [], "categories": [{"id": i, "name": n} for n, i in cat.items()]}, []
-  for k, im in enumerate(images):
-    image_id = k + 1
-    gt["images"].append({"id": image_id, "height": int(im["height"]), "width": int(im["width"])})
-    for g in im["gts"]:
-      ann = {"id": len(gt["annotations"]) + 1, "image_id": image_id, "category_id": cat[g["label"]],
-             "bbox": g["bbox"], "iscrowd": 0, "area": float(g["bbox"][2] * g["bbox"][3])}
-      if iou_type == "segm":
-        ann["segmentation"] = _pycocotools_rle(g["segmentation"])
-        ann["area"] = float(mask_lib.area(ann["segmentation"]))
-      gt["annotations"].append(ann)
-    for p in im["preds"]:
-      # A class with no ground truth gets id 0: ignored per class, counted class-agnostically.
-      d = {"image_id": image_id, "category_id": cat.get(p["label"], 0), "bbox": p["bbox"],
-           "score": float(p["score"])}
-      if iou_type == "segm":
-        d["segmentation"] = _pycocotools_rle(p["segmentation"])
-      dts.append(d)
-  # Class-agnostic: every box in one category. (pycocotools' useCats=0 would still
-  # drop detections whose category has no ground truth.)
-  agnostic_gt = dict(gt, categories=[{"id": 1, "name": "lesion"}],
-                     annotations=[dict(a, category_id=1) for a in gt["annotations"]])
-  for prefix, gt_dict, dets in (("", gt, dts), ("agnostic/", agnostic_gt, [dict(d, category_id=1) for d in dts])):
-    if not dets:
-      keys = [prefix] + ([f"class/{n}/" for n in names] if not prefix else [])
-      out.update({f"{k}{m}": 0.0 for k in keys for m in ("AP", "AP50", "AP75")})
-      continue
-    with contextlib.redirect_stdout(io.StringIO()):
-      cgt = coco_lib.COCO()
-      cgt.dataset = gt_dict
-      cgt.createIndex()
-      ev = cocoeval.COCOeval(cgt, cgt.loadRes([dict(d) for d in dets]), iou_type)
-      ev.evaluate()
-      ev.accumulate()
-    precision = ev.eval["precision"][:, :, :, 0, -1]  # [T, R, K] at area 'all', maxDets 100
-    ap, ap50, ap75 = _ap_from_precision(precision)
-    out.update({f"{prefix}AP": ap, f"{prefix}AP50": ap50, f"{prefix}AP75": ap75})
-    if not prefix:
-      for k, n in enumerate(names):
-        ap, ap50, ap75 = _ap_from_precision(precision[:, :, k])
-        out.update({f"class/{n}/AP": ap, f"class/{n}/AP50": ap50, f"class/{n}/AP75": ap75})
-  return out
+
+  def ap(self, indices=None):
+    """{'AP', 'AP50', 'AP75', 'agnostic/...', 'class/<name>/...'} of images[indices]."""
+    if not self.names:
+      return {k: float("nan") for k in ("AP", "AP50", "AP75", "agnostic/AP", "agnostic/AP50", "agnostic/AP75")}
+    out = {}
+    for prefix, precision in self.precision(indices).items():
+      ap, ap50, ap75 = _ap_from_precision(precision)
+      out.update({f"{prefix}AP": ap, f"{prefix}AP50": ap50, f"{prefix}AP75": ap75})
+      if not prefix:
+        for k, n in enumerate(self.names):
+          ap, ap50, ap75 = _ap_from_precision(precision[:, :, k])
+          out.update({f"class/{n}/AP": ap, f"class/{n}/AP50": ap50, f"class/{n}/AP75": ap75})
+    return out
+
+
+  def curves(self):
+    """{'agnostic' | class name: precision at `RECALL`} at IoU 0.5 (nan: no ground truth)."""
+    precision = self.precision()
+    out = {"agnostic": precision["agnostic/"][0, :, 0]}
+    out.update({n: precision[""][0, :, k] for k, n in enumerate(self.names)})
+    return {k: np.where(v < 0, np.nan, v) for k, v in out.items()}
+
+
+def coco_ap(images, iou_type="bbox"):
+  """COCO AP of images (as `Matches` takes them): {'AP', 'AP50', 'AP75', 'agnostic/...',
+  'class/<name>/...'}."""
+  return Matches(images, iou_type).ap()
 
 
 def predicted_objects(record, *, require_seg=False):

@@ -5,9 +5,11 @@ on prediction records (one JSON object per line in a predictions file, formats
 in docs/EVALUATION.md, checked by `validate` with schema.py before any metric)
 and a class that makes those records with a `decode.Predictor` on eval batches,
 so the same numbers come out inside training (`from_config`) and standalone
-(`python -m big_vision_cxr.evaluators`, __main__.py).
+(`python -m big_vision_cxr.evaluators`, __main__.py). `Evaluator.sampler` gives
+the same metrics of any resample of the records (the results table's bootstrap).
 """
 import collections
+import itertools
 import json
 import math
 
@@ -144,14 +146,17 @@ class Evaluator:
   the first len(ground_truths) rows are used), or a callable returning one. A
   one-shot iterator is kept in memory after its first pass so that `run` can be
   called at every evaluation step. outfile: optional JSONL of the records.
+  task, eval_set: which task and data the records are of (the results table's rows).
   """
   name = None  # the registered type, whose record format schema.py checks
 
-  def __init__(self, predictor, data, *, outfile=None, **metric_kw):
+  def __init__(self, predictor, data, *, outfile=None, task=None, eval_set=None, **metric_kw):
     self.predictor = predictor
     self._data = data
     self._cached = None
     self.outfile = outfile
+    self.task = task or self.name  # the task of the examples (perplexity: any)
+    self.eval_set = eval_set  # the data's name in the results table
     self.metric_kw = metric_kw
 
   def _batches(self):
@@ -176,15 +181,34 @@ class Evaluator:
   metric_fn = None  # (records, **options) -> metrics
   options = ()  # the names of the options compute_metrics takes
 
+  sampler_fn = None  # (records, **options) -> fn(indices) -> metric_fn's metrics of records[indices]
+
   @classmethod
-  def compute_metrics(cls, records, **options):
-    """Checks the options and every record (schema.py), then `metrics`."""
+  def _check(cls, records, options):
     unknown = sorted(set(options) - set(cls.options))
     if unknown:
       takes = f"take only {list(cls.options)}" if cls.options else "take no options"
       raise EvalError(f"{cls.name} metrics {takes}, got {unknown}.")
     validate(cls.name, records)
+
+  @classmethod
+  def compute_metrics(cls, records, **options):
+    """Checks the options and every record (schema.py), then `metrics`."""
+    cls._check(records, options)
     return cls.metrics(records, **options)
+
+  @classmethod
+  def sampler(cls, records, **options):
+    """fn(indices) -> the metrics of [records[i] for i in indices] (repeats allowed), for bootstraps.
+
+    Checked once, like `compute_metrics`. An evaluator with a `sampler_fn` computes its
+    own metrics as that function at every index, doing each record's work once (parsing,
+    matching boxes); the others run `metric_fn` on the resampled records.
+    """
+    cls._check(records, options)
+    if cls.sampler_fn is not None:
+      return cls.sampler_fn(records, **options)
+    return lambda indices: cls.metric_fn([records[i] for i in indices], **options)
 
   @classmethod
   def metrics(cls, records, **options):
@@ -209,12 +233,65 @@ def generate(predictor, params, batch, gts):
   return predictor.generate(params, np.asarray(batch["image"])[:n], [g["prefix"] for g in gts])
 
 
-def from_config(config, model, tokenizer, seg_codec, *, class_names=None, image_size=None):
+# The evaluator type and decoding length of each task (configs; `evaluate --eval` sets).
+TASK_EVALS = {
+    "diagnosis": dict(type="diagnosis", pred_kw=dict(max_decode_len=8)),
+    "vqa": dict(type="vqa", pred_kw=dict(max_decode_len=6)),
+    "report": dict(type="report", pred_kw=dict(max_decode_len=48)),
+    "detection": dict(type="detection", pred_kw=dict(max_decode_len=48)),
+    "segmentation": dict(type="segmentation", pred_kw=dict(max_decode_len=90)),
+}
+
+
+def _plain(cfg):
+  return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+
+
+def _all_splits(input_config, name, cfg):
+  """The splits the records of dataset `name` fall in, as the input pipeline assigns them."""
+  from big_vision_cxr.data import datasets  # pylint: disable=g-import-not-at-top
+  from big_vision_cxr.data import splits  # pylint: disable=g-import-not-at-top
+  recs = datasets.split_all({name: cfg}, seed=input_config.get("split_seed", 0),
+                            fractions=input_config.get("split_fractions", splits.DEFAULT_FRACTIONS))
+  return sorted({r.split for r in recs[name]})
+
+
+def eval_parts(input_config, datasets, split=None):
+  """[(input config, split)] read for an eval naming `datasets` ({name: dataset config,
+  which may set its own `split`}): each dataset alone with input_config's other settings,
+  at its split or (None) at every split: the whole dataset."""
+  if not datasets:
+    raise EvalError("an eval's datasets are empty: name at least one dataset.")
+  input_config, parts = _plain(input_config), []
+  for name, cfg in _plain(datasets).items():
+    cfg = _plain(cfg)
+    own = cfg.pop("split", split)
+    one = dict(input_config, datasets={name: cfg})
+    parts += [(one, s) for s in ([own] if own else _all_splits(input_config, name, cfg))]
+  return parts
+
+
+def set_label(input_config, datasets=None, split=None):
+  """The default name of an eval's data: 'phantom/test', 'tbx11k/val+nih/all'."""
+  if datasets is None:
+    return "+".join(sorted(_plain(input_config)["datasets"])) + f"/{split}"
+  return "+".join(f"{name}/{_plain(cfg).get('split', split) or 'all'}"
+                  for name, cfg in _plain(datasets).items())
+
+
+def from_config(config, model, tokenizer, seg_codec, *, class_names=None, image_size=None,
+                check_train_patients=True):
   """{name: (evaluator, every_n_steps)} from config.evals (docs/EVALUATION.md).
 
-  Each evaluator's data is `input_pipeline.evaluation` on config.input, prompted
-  with `class_names` (None: the data's) and checked against the model's
-  `image_size`; every_n_steps 0 or None: only at the end of training.
+  An entry evaluates `task` on `split` of config.input's datasets or, when it
+  names `datasets`, on those (`eval_parts`; no split = all of each: an external
+  test set), read with config.input's other settings, prompted with
+  `class_names` (None: the data's) and checked against the model's
+  `image_size`; `set` names the data in the results table (default `set_label`).
+  Patients of config.input's training split found in an eval's own datasets are
+  an error or left out (config.input.shared_patients), unless not
+  `check_train_patients` (the training data cannot be read).
+  every_n_steps 0 or None: only at the end of training.
   """
   if not config.get("evals"):
     return {}
@@ -222,14 +299,24 @@ def from_config(config, model, tokenizer, seg_codec, *, class_names=None, image_
   from big_vision_cxr import input_pipeline  # pylint: disable=g-import-not-at-top
   out = {}
   for name, ev in config.evals.items():
-    ev = ev.to_dict()
+    ev = _plain(ev)
     predictor = decode.Predictor(model, tokenizer, **ev.pop("pred_kw", {}))
-    data = input_pipeline.evaluation(config.input, task=ev.pop("task"), split=ev.pop("split"),
-                                     batch_size=ev.pop("batch_size", 8), seg_codec=seg_codec,
-                                     class_names=class_names, image_size=image_size)
+    task, datasets, split = ev.pop("task"), ev.pop("datasets", None), ev.pop("split", None)
+    kw = dict(task=task, batch_size=ev.pop("batch_size", 8), seg_codec=seg_codec,
+              class_names=class_names, image_size=image_size)
+    if datasets is not None:
+      train_config = config.input if check_train_patients else None
+      data = itertools.chain(*[input_pipeline.evaluation(c, split=s, train_config=train_config, **kw)
+                               for c, s in eval_parts(config.input, datasets, split)])
+    elif split:
+      data = input_pipeline.evaluation(config.input, split=split, **kw)
+    else:
+      raise EvalError(f"config.evals.{name}: give the split of config.input's datasets to "
+                      f"evaluate, or the eval's own datasets.")
+    eval_set = ev.pop("set", None) or set_label(config.input, datasets, split)
     every = ev.pop("log_steps", None)
     kind = ev.pop("type")
     if kind == "segmentation" and seg_codec is not None:
       ev.setdefault("seg_codec", seg_codec)
-    out[name] = (EVALUATORS.get(kind)(predictor, data, **ev), every)
+    out[name] = (EVALUATORS.get(kind)(predictor, data, task=task, eval_set=eval_set, **ev), every)
   return out

@@ -15,31 +15,62 @@ truth), '<rule>/agnostic/...' (all boxes in one class),
 '<rule>/class/<name>/...'. AP is COCO's: 101-point interpolated precision,
 maxDets=100, area 'all'; AP averages IoU 0.50:0.05:0.95. Predicted names that
 are no ground-truth class count only class-agnostically. invalid_rate is the
-share of malformed objects among all objects the model emitted.
+share of malformed objects among all objects the model emitted; empty_correct
+(when some image has no lesion) the share of images without ground-truth lesions
+where the model drew no box (what a set of normals, where AP is undefined, measures).
 """
+import numpy as np
+
 from big_vision_cxr.evaluators import coco
 from big_vision_cxr.evaluators import common
 from big_vision_cxr.registry import EVALUATORS
 
 
-def _metrics(records, score_rule=coco.DEFAULT_SCORE_RULE):
-  parsed = [coco.predicted_objects(r) for r in records]
-  n_valid = sum(len(objs) for objs, _ in parsed)
-  n_invalid = sum(n for _, n in parsed)
-  out = {"n_images": float(len(records)), "n_gt": 0.0, "n_pred": float(n_valid),
-         "invalid_rate": n_invalid / max(1, n_valid + n_invalid)}
-  for rule in coco.score_rules(records, score_rule):
-    images = []
-    for i, (r, (objs, _)) in enumerate(zip(records, parsed)):
-      gt = r["gt"]
-      h, w = r["height"], r["width"]
-      gts = [dict(label=l, bbox=coco.xywh(b, h, w)) for b, l in zip(gt["bbox"], gt["label"])]
-      preds = [dict(label=o["label"], bbox=coco.xywh(o["bbox"], h, w), score=coco.score_of(o, rule, i))
-               for o in objs]
-      images.append(dict(height=h, width=w, gts=gts, preds=preds))
-    out["n_gt"] = float(sum(len(im["gts"]) for im in images))
-    out.update({f"{rule}/{k}": v for k, v in coco.coco_ap(images, "bbox").items()})
+def images(records, parsed, rule):
+  """`coco.Matches`' images: each record's gt and predicted boxes in pixels, scored by `rule`."""
+  out = []
+  for i, (r, (objs, _)) in enumerate(zip(records, parsed)):
+    gt = r["gt"]
+    h, w = r["height"], r["width"]
+    gts = [dict(label=l, bbox=coco.xywh(b, h, w)) for b, l in zip(gt["bbox"], gt["label"])]
+    preds = [dict(label=o["label"], bbox=coco.xywh(o["bbox"], h, w), score=coco.score_of(o, rule, i))
+             for o in objs]
+    out.append(dict(height=h, width=w, gts=gts, preds=preds))
   return out
+
+
+def sampler(records, score_rule=coco.DEFAULT_SCORE_RULE):
+  """fn(indices) -> the metrics of records[indices]; boxes parsed and matched once."""
+  parsed = [coco.predicted_objects(r) for r in records]
+  n_valid = np.array([len(objs) for objs, _ in parsed], np.int64)
+  n_invalid = np.array([n for _, n in parsed], np.int64)
+  n_gt = np.array([len(r["gt"]["bbox"]) for r in records], np.int64)
+  matches = {rule: coco.Matches(images(records, parsed, rule), "bbox")
+             for rule in coco.score_rules(records, score_rule)}
+
+  def metrics(i):
+    i = np.asarray(i, int)
+    valid, invalid = int(n_valid[i].sum()), int(n_invalid[i].sum())
+    empty = n_gt[i] == 0
+    out = {"n_images": float(len(i)), "n_gt": float(n_gt[i].sum()), "n_pred": float(valid),
+           "invalid_rate": invalid / max(1, valid + invalid)}
+    if empty.any():
+      out["empty_correct"] = float(np.mean(n_valid[i][empty] == 0))
+    for rule, m in matches.items():
+      out.update({f"{rule}/{k}": v for k, v in m.ap(i).items()})
+    return out
+  return metrics
+
+
+def pr_curves(records, score_rule=coco.DEFAULT_SCORE_RULE):
+  """{rule: `coco.Matches.curves`}: precision-recall at IoU 0.5 under each reported score rule."""
+  parsed = [coco.predicted_objects(r) for r in records]
+  return {rule: coco.Matches(images(records, parsed, rule), "bbox").curves()
+          for rule in coco.score_rules(records, score_rule)}
+
+
+def _metrics(records, score_rule=coco.DEFAULT_SCORE_RULE):
+  return sampler(records, score_rule)(np.arange(len(records)))
 
 
 @EVALUATORS.register("detection")
@@ -58,3 +89,4 @@ class Evaluator(common.Evaluator):
     return records
 
   metric_fn = staticmethod(_metrics)
+  sampler_fn = staticmethod(sampler)

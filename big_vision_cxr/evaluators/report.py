@@ -63,18 +63,37 @@ def meteor_exact(prediction, reference):
   return fmean * (1 - 0.5 * (chunks / m) ** 3)
 
 
-def _metrics(records):
+def sampler(records):
+  """fn(indices) -> the metrics of records[indices]; each report scored once.
+
+  Corpus BLEU of any resample is sacrebleu's own score of the summed per-report
+  statistics (what `corpus_score` computes, and what sacrebleu's bootstrap uses).
+  """
   preds = [r["prediction"] for r in records]
   refs = [r["reference"] for r in records]
-  out = {"n": float(len(records))}
-  if not records:
+  bleus = [BLEU(max_ngram_order=n, tokenize="13a", lowercase=True, effective_order=False)
+           for n in range(1, 5)]
+  # pylint: disable=protected-access
+  stats = [np.array(b._extract_corpus_statistics(preds, [refs]), np.int64).reshape(len(records), -1)
+           for b in bleus] if records else []
+  rouge = np.array([rouge_l(p, r) for p, r in zip(preds, refs)], np.float64)
+  meteor = np.array([meteor_exact(p, r) for p, r in zip(preds, refs)], np.float64)
+
+  def metrics(i):
+    i = np.asarray(i, int)
+    out = {"n": float(len(i))}
+    if not len(i):
+      return out
+    for n, (b, st) in enumerate(zip(bleus, stats), 1):
+      out[f"bleu{n}"] = float(b._compute_score_from_stats(st[i].sum(0).tolist()).score)
+    out["rougeL"] = 100 * float(np.mean(rouge[i]))
+    out["meteor"] = 100 * float(np.mean(meteor[i]))
     return out
-  for n in range(1, 5):
-    bleu = BLEU(max_ngram_order=n, tokenize="13a", lowercase=True, effective_order=False)
-    out[f"bleu{n}"] = float(bleu.corpus_score(preds, [refs]).score)
-  out["rougeL"] = 100 * float(np.mean([rouge_l(p, r) for p, r in zip(preds, refs)]))
-  out["meteor"] = 100 * float(np.mean([meteor_exact(p, r) for p, r in zip(preds, refs)]))
-  return out
+  return metrics
+
+
+def _metrics(records):
+  return sampler(records)(np.arange(len(records)))
 
 
 @EVALUATORS.register("report")
@@ -87,3 +106,4 @@ class Evaluator(common.Evaluator):
             for g, o in zip(gts, outs)]
 
   metric_fn = staticmethod(_metrics)
+  sampler_fn = staticmethod(sampler)

@@ -49,37 +49,66 @@ def _union(rles, shape):
   return m
 
 
-def _metrics(records, score_rule=coco.DEFAULT_SCORE_RULE):
-  out = {"n_images": float(len(records))}
-  n_valid = sum(len(r["objects"]) for r in records)
-  n_invalid = sum(r["n_invalid"] for r in records)
-  out["invalid_rate"] = n_invalid / max(1, n_valid + n_invalid)
-  ious, dices, empty = [], [], []
-  for r in records:
+def images(records, rule):
+  """`coco.Matches`' images (records with masks): gt and predicted boxes and masks, scored by `rule`."""
+  out = []
+  for i, r in enumerate(records):
+    h, w = r["height"], r["width"]
+    gt = r["gt"]
+    gts = [dict(label=l, bbox=coco.xywh(b, h, w), segmentation=m)
+           for b, l, m in zip(gt["bbox"], gt["label"], gt["mask_rle"])]
+    preds = [dict(label=o["label"], bbox=coco.xywh(o["bbox"], h, w), segmentation=o["mask_rle"],
+                  score=coco.score_of(o, rule, i)) for o in r["objects"]]
+    out.append(dict(height=h, width=w, gts=gts, preds=preds))
+  return out
+
+
+def _sampler(records, score_rule=coco.DEFAULT_SCORE_RULE):
+  """fn(indices) -> the metrics of records[indices] (records with masks); masks compared once."""
+  n_valid = np.array([len(r["objects"]) for r in records], np.int64)
+  n_invalid = np.array([r["n_invalid"] for r in records], np.int64)
+  iou, dice, empty = (np.full(len(records), np.nan) for _ in range(3))
+  for k, r in enumerate(records):
     shape = (r["height"], r["width"])
     g = _union(r["gt"]["mask_rle"], shape)
     p = _union([o["mask_rle"] for o in r["objects"]], shape)
     if not g.any():
-      empty.append(not p.any())
+      empty[k] = not p.any()
     if g.any() or p.any():
       inter, total = (g & p).sum(), g.sum() + p.sum()
-      ious.append(inter / (total - inter))
-      dices.append(2 * inter / total)
-  out.update(miou=float(np.mean(ious)) if ious else float("nan"),
-             dice=float(np.mean(dices)) if dices else float("nan"),
-             empty_correct=float(np.mean(empty)) if empty else float("nan"))
-  for rule in coco.score_rules(records, score_rule):
-    images = []
-    for i, r in enumerate(records):
-      h, w = r["height"], r["width"]
-      gt = r["gt"]
-      gts = [dict(label=l, bbox=coco.xywh(b, h, w), segmentation=m)
-             for b, l, m in zip(gt["bbox"], gt["label"], gt["mask_rle"])]
-      preds = [dict(label=o["label"], bbox=coco.xywh(o["bbox"], h, w), segmentation=o["mask_rle"],
-                    score=coco.score_of(o, rule, i)) for o in r["objects"]]
-      images.append(dict(height=h, width=w, gts=gts, preds=preds))
-    out.update({f"{rule}/{k}": v for k, v in coco.coco_ap(images, "segm").items()})
-  return out
+      iou[k], dice[k] = inter / (total - inter), 2 * inter / total
+  matches = {rule: coco.Matches(images(records, rule), "segm")
+             for rule in coco.score_rules(records, score_rule)}
+
+  def mean(values):
+    values = values[~np.isnan(values)]
+    return float(np.mean(values)) if len(values) else float("nan")
+
+  def metrics(i):
+    i = np.asarray(i, int)
+    valid, invalid = int(n_valid[i].sum()), int(n_invalid[i].sum())
+    out = {"n_images": float(len(i)), "invalid_rate": invalid / max(1, valid + invalid),
+           "miou": mean(iou[i]), "dice": mean(dice[i]), "empty_correct": mean(empty[i])}
+    for rule, m in matches.items():
+      out.update({f"{rule}/{k}": v for k, v in m.ap(i).items()})
+    return out
+  return metrics
+
+
+def _metrics(records, score_rule=coco.DEFAULT_SCORE_RULE):
+  return _sampler(records, score_rule)(np.arange(len(records)))
+
+
+def pr_curves(records, score_rule=coco.DEFAULT_SCORE_RULE, vqvae=None):
+  """{rule: `coco.Matches.curves`}: mask precision-recall at IoU 0.5 under each reported score rule."""
+  records = _with_masks(records, vqvae)
+  return {rule: coco.Matches(images(records, rule), "segm").curves()
+          for rule in coco.score_rules(records, score_rule)}
+
+
+def sampler(records, score_rule=coco.DEFAULT_SCORE_RULE, vqvae=None):
+  """fn(indices) -> the metrics of records[indices]; masks decoded and matched once."""
+  return _sampler(_with_masks(records, vqvae), score_rule)
 
 
 @EVALUATORS.register("segmentation")
@@ -114,6 +143,8 @@ class Evaluator(common.Evaluator):
       records.append(dict(common.base_record(g), height=h, width=w, gt=gt, prediction=o["text"],
                           objects=objs, n_invalid=n_invalid))
     return records
+
+  sampler_fn = staticmethod(sampler)
 
   @staticmethod
   def metrics(records, score_rule=coco.DEFAULT_SCORE_RULE, vqvae=None):

@@ -32,22 +32,31 @@ def _mean(values):
   return float(np.mean(values)) if len(values) else float("nan")
 
 
+def sampler(records):
+  """fn(indices) -> the metrics of records[indices]; answers compared once."""
+  em = np.array([common.normalize_answer(r["prediction"]) == common.normalize_answer(r["answer"])
+                 for r in records], bool)
+  f1 = np.array([token_f1(r["prediction"], r["answer"]) for r in records], np.float64)
+  kind = np.array([r["question_type"] for r in records], object)
+  question = np.array([r["question"] for r in records], object)
+
+  def metrics(i):
+    i = np.asarray(i, int)
+    closed, opened = kind[i] == "closed", kind[i] == "open"
+    out = {
+        "all/exact_match": _mean(em[i]), "n": float(len(i)),
+        "closed/accuracy": _mean(em[i][closed]), "closed/n": float(closed.sum()),
+        "open/exact_match": _mean(em[i][opened]), "open/token_f1": _mean(f1[i][opened]),
+        "open/n": float(opened.sum()),
+    }
+    for q in sorted(set(question[i])):
+      out[f"question/{q}/exact_match"] = _mean(em[i][question[i] == q])
+    return out
+  return metrics
+
+
 def _metrics(records):
-  em = [common.normalize_answer(r["prediction"]) == common.normalize_answer(r["answer"]) for r in records]
-  f1 = [token_f1(r["prediction"], r["answer"]) for r in records]
-  kinds = [r["question_type"] for r in records]
-  out = {
-      "all/exact_match": _mean(em), "n": float(len(records)),
-      "closed/accuracy": _mean([e for e, k in zip(em, kinds) if k == "closed"]),
-      "closed/n": float(kinds.count("closed")),
-      "open/exact_match": _mean([e for e, k in zip(em, kinds) if k == "open"]),
-      "open/token_f1": _mean([f for f, k in zip(f1, kinds) if k == "open"]),
-      "open/n": float(kinds.count("open")),
-  }
-  questions = sorted({r["question"] for r in records})
-  for q in questions:
-    out[f"question/{q}/exact_match"] = _mean([e for e, r in zip(em, records) if r["question"] == q])
-  return out
+  return sampler(records)(np.arange(len(records)))
 
 
 @EVALUATORS.register("vqa")
@@ -60,3 +69,4 @@ class Evaluator(common.Evaluator):
                  answer=g["suffix"], prediction=o["text"]) for g, o in zip(gts, outs)]
 
   metric_fn = staticmethod(_metrics)
+  sampler_fn = staticmethod(sampler)
