@@ -46,6 +46,7 @@ def _cases(tmp):
                                      str(tmp / "missing.jsonl")], "missing.jsonl"),
       ("big_vision_cxr.evaluators", ["--type", "diagnosis", "--predictions", str(bad_jsonl)],
        "empty.jsonl"),
+      ("big_vision_cxr.evaluate", ["--workdir", str(tmp / "no_run")], "no_run"),
       ("big_vision_cxr.tokenizer", ["train", "--corpus", str(tmp / "no.txt"), "--out",
                                     str(tmp / "t.model")], "no.txt"),
       ("tfds_builders.build", ["--config", "nonesuch"], "nonesuch"),
