@@ -185,7 +185,7 @@ def test_tbx11k_image_listed_twice_is_an_error_before_any_image_is_read(tmp_path
   root = fake_tbx11k(tmp_path) / "TBX11K"
   (root / "lists/TBX11K_val.txt").write_text("health/h1.png\n")
   monkeypatch.setattr(images, "read_image", lambda *a, **k: pytest.fail("read an image"))
-  with pytest.raises(tbx11k.TBX11KError, match=r"image id 'h1' is listed twice: train:health/h1.png "
+  with pytest.raises(tbx11k.TBX11KError, match=r"image id 'h1' is given twice: train:health/h1.png "
                                                r"and val:health/h1.png"):
     tbx11k.read(tmp_path)
 

@@ -52,9 +52,6 @@ def test_csv_and_jsonl_manifests_resolve_relative_paths(tmp_path):
     ("m.jsonl", '{"path": "a.png"}\nnot json\n', r"m.jsonl:2: invalid JSON"),
     ("m.jsonl", '{"file": "a.png"}\n', r"m.jsonl:1: needs one of the columns/keys"),
     ("m.csv", "image,x\n,1\n", r"m.csv:2: image '' is not an image path"),
-    # Paths outside the manifest's folder are refused, not read (it used to open /etc/passwd).
-    ("m.csv", "image\n/etc/passwd\n", r"m.csv:2: image '/etc/passwd': .* escapes"),
-    ("m.jsonl", '{"image": "../outside.png"}\n', r"m.jsonl:1: image '../outside.png': .* escapes"),
 ])
 def test_bad_manifests_are_named(tmp_path, name, text, match):
   (tmp_path / name).write_text(text)
@@ -62,7 +59,20 @@ def test_bad_manifests_are_named(tmp_path, name, text, match):
     predict.collect_inputs(tmp_path / name)
 
 
-def test_unique_ids():
+@pytest.mark.parametrize("name,text,match", [
+    ("m.csv", "image\n/etc/passwd\n", r"m.csv:2: image '/etc/passwd': .* escapes"),
+    ("m.jsonl", '{"image": "../outside.png"}\n', r"m.jsonl:1: image '../outside.png': .* escapes"),
+])
+def test_manifest_escape_is_refused_not_read(tmp_path, name, text, match):
+  """Paths outside the manifest's folder are refused (predict used to open /etc/passwd)."""
+  (tmp_path / "in").mkdir()
+  (tmp_path / "outside.png").write_bytes(b"x")
+  (tmp_path / "in" / name).write_text(text)
+  with pytest.raises(errors.Error, match=match):
+    predict.collect_inputs(tmp_path / "in" / name)
+
+
+def test_output_ids_never_collide():
   assert predict.unique_ids(["a/x.png", "b/x.dcm", "c/y.png", "d/x.jpg"]) == ["x", "x_1", "y", "x_2"]
   # A made-up id never takes another file's real name (it used to overwrite c/x_1's result).
   assert predict.unique_ids(["a/x.png", "b/x.png", "c/x_1.png"]) == ["x", "x_2", "x_1"]

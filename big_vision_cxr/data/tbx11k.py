@@ -86,15 +86,6 @@ def _record(root, split, entry, load_images):
       split=split, meta=dict(path=rel, difficult=difficult)))
 
 
-def _check_unique_ids(todo):
-  seen = {}
-  for split, entry in todo:
-    stem = pathlib.Path(entry).stem
-    if stem in seen:
-      raise TBX11KError(f"image id {stem!r} is listed twice: {seen[stem]} and {split}:{entry}")
-    seen[stem] = f"{split}:{entry}"
-
-
 def _empty_split_error(root, lists, split, entries, categories, absent, skipped):
   """Why `split` gave no record: its entries outside `categories`, absent, skipped."""
   rels = {f"imgs/{e}" for e in entries}
@@ -139,7 +130,7 @@ def read(path, *, splits=("train", "val"), lists="TBX11K", categories=("tb", "he
         todo.append((split, entry))
       else:
         absent.append(rel)
-  _check_unique_ids(todo)
+  voc.check_unique_ids([(entry, f"{split}:{entry}") for split, entry in todo], TBX11KError)
   results = images.map_ordered(lambda item: _record(root, *item, load_images), todo, workers)
   out = skips.collect([f"imgs/{entry}" for _, entry in todo], results,
                       (TBX11KError, images.ImageError, images.DataPathError, records.RecordError),

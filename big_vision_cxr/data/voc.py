@@ -183,13 +183,14 @@ def image_sets(root):
   return out
 
 
-def _check_unique_ids(listed):
+def check_unique_ids(entries, error):
+  """Raises `error` naming both places when two (file, where) entries share a file stem (the id)."""
   seen = {}
-  for rel, _ in listed:
+  for rel, where in entries:
     stem = pathlib.PurePosixPath(rel).stem
     if stem in seen:
-      raise VOCError(f"image id {stem!r} is given twice: {seen[stem]} and {rel} (ids are file stems)")
-    seen[stem] = rel
+      raise error(f"image id {stem!r} is given twice: {seen[stem]} and {where} (ids are file stems)")
+    seen[stem] = where
 
 
 def _annotation(ann_root, rel):
@@ -244,7 +245,7 @@ def read(path, *, class_map, unknown_classes="error", label_without_boxes="norma
   listed = list_images(image_root, split_dirs)
   if not listed:
     raise VOCError(f"{image_root}: no images ({', '.join(IMAGE_SUFFIXES)})")
-  _check_unique_ids(listed)
+  check_unique_ids([(rel, rel) for rel, _ in listed], VOCError)
   given = image_sets(root)
   skips = skips if skips is not None else images.Skips(source)
 
