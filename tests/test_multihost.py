@@ -65,7 +65,7 @@ class HostRows:
 
 
 def training(input_config, *, batch_size, seed, tokenizer, process_index=0, process_count=1,
-             seg_codec=None):
+             seg_codec=None, class_names=None, image_size=None):
   report["pipeline_args"] = dict(batch_size=batch_size, process_index=process_index,
                                  process_count=process_count)
   return HostRows(batch_size, seed, process_index, process_count)
