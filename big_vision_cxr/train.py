@@ -202,10 +202,10 @@ def train(config, workdir):
   # ---- Config and mesh: everything that can be checked before compiling.
   workdir = pathlib.Path(workdir or config.get("workdir") or "workdir")
   config_lib.validate(config)
+  sharding.maybe_initialize_distributed(config)  # before anything touches a device
   if jax.process_index() == 0:
     atomic.writable_dir(workdir, "the workdir")
   model_cfg = model_common.model_config(config)
-  sharding.maybe_initialize_distributed(config)
   mesh = sharding.create_mesh(config.get("mesh", [("data", -1)]))
   sharding.check_batch_fits(config.input.batch_size, mesh, config.get("microbatches", 1))
   total_steps = config_lib.total_steps(config, config.input.get("data_size"))
