@@ -167,6 +167,19 @@ def _majority(workdir, config, class_names, readable):
   return baselines.training_majority(config.input, class_names=class_names) if readable else None
 
 
+def shared_patients_report(config, evals, readable):
+  """{eval: [patient_overlap report per dataset part]}: what shared_patients='drop' left out."""
+  out = {}
+  for name, ev in evals.items():
+    ev = dict(ev)
+    parts = (common.eval_parts(config.input, ev["datasets"], ev.get("split"))
+             if ev.get("datasets") else [(config.input, ev.get("split"))])
+    out[name] = [input_pipeline.patient_overlap(
+        part, split=split, train_config=config.input if readable else None)
+                 for part, split in parts]
+  return out
+
+
 def evaluate(workdir, *, step=None, specs=(), out=None, tasks=None, batch_size=None,
              config_evals=True, shared_patients=None, n_boot=table_lib.N_BOOT):
   """Evaluates the checkpoint; returns dict(table, metrics, records, out, plots)."""
@@ -210,7 +223,8 @@ def evaluate(workdir, *, step=None, specs=(), out=None, tasks=None, batch_size=N
   pictures = plots.draw(out, evaluators, records, workdir / "metrics.jsonl")
   common.write_json(out / "results.json", _null_nan(dict(
       checkpoint=str(workdir), step=step, class_names=list(loaded.class_names),
-      pp_image=loaded.pp_image, evals=evals, table=table, metrics=results)))
+      pp_image=loaded.pp_image, evals=evals, table=table, metrics=results,
+      shared_patients=shared_patients_report(config, evals, readable))))
   atomic.write_text(out / "results.md", f"# Evaluation of {workdir} at step {step}\n\n"
                     + table_lib.to_markdown(table)
                     + "".join(f"\n![{p.stem}]({p.name})\n" for p in pictures))

@@ -61,6 +61,10 @@ def test_evaluate_reproduces_the_training_table_and_scores_an_external_set(phant
   out = workdir / "eval-2"
   result = json.loads((out / "results.json").read_text())  # strict JSON: undefined is null
   table = result["table"]
+  # Stored with the results: which patients the run shared with its evaluated data (none here).
+  assert result["shared_patients"] and all(
+      r["dropped_patients"] == 0 and r["policy"] == "error"
+      for reports in result["shared_patients"].values() for r in reports)
   # The training run's eval set: the same records, the same numbers, the same intervals.
   by_key = lambda rows: {(r["task"], r["metric"], r["source"]): r for r in rows}
   trained, again = by_key(final["table"]), by_key(_rows(table, "phantom/test"))
