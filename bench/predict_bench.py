@@ -17,7 +17,6 @@ masks are rarely produced; a demo-trained checkpoint gives realistic lengths.
 """
 import pathlib
 import tempfile
-import time
 
 import jax
 import numpy as np

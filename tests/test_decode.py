@@ -1,5 +1,4 @@
 """decode: cached generation == a no-cache full-forward loop; samplers, beam, EOS, score, Predictor."""
-import itertools
 import pathlib
 
 import jax
