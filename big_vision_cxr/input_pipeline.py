@@ -36,25 +36,23 @@ Design (the config shape is in docs/DATA.md):
   carry no text (evaluators prompt with the ground truths' prefixes).
 """
 import collections
-import hashlib
 import logging
 import math
 
 import numpy as np
 
 from big_vision_cxr import errors
-from big_vision_cxr import tokenizer as tokenizer_lib
 from big_vision_cxr.data import curation, datasets, patients, phantom, prompts, splits
-from big_vision_cxr.pp import builder, ops_image
+from big_vision_cxr.data import stream, tfds_source
 
 TASK_IDS = {t: i for i, t in enumerate(prompts.TASKS)}
 DEFAULTS = dict(
     split="train", split_seed=0, split_fractions=splits.DEFAULT_FRACTIONS, tasks=prompts.TASKS,
     mix_by="task", weights="inverse_size", class_names=None,
     pp_image=None, text_len=64, seg_from_boxes=False,
-    seg_codec=None, cache_images=True, object_tasks_positives_only=False, shared_patients="error")
+    seg_codec=None, cache_images=True, object_tasks_positives_only=False, shared_patients="error",
+    num_workers=0, read_threads=0, prefetch=64)
 OBJECT_TASKS = ("detection", "segmentation")
-_M64 = (1 << 64) - 1
 
 
 class InputError(errors.Error):
@@ -70,20 +68,7 @@ def _get(config, key):
   return config[key] if key in config else DEFAULTS[key]
 
 
-def _mix64(x):
-  x = (x + 0x9E3779B97F4A7C15) & _M64
-  x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-  x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
-  return x ^ (x >> 31)
-
-
-def uniform(seed, index):
-  """Counter-based uniform in [0, 1) for (seed, index)."""
-  return _mix64(_mix64(seed & _M64) ^ index) / 2.0 ** 64
-
-
-def _name_hash(name):
-  return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big")
+uniform = stream.uniform  # counter-based uniform in [0, 1) for (seed, index)
 
 
 load_records = datasets.load  # (name, dataset config) -> (records, skips), cached
@@ -146,10 +131,18 @@ def patient_overlap(config, *, split=None, train_config=None):
   return _records(config, split, train_config)[1]
 
 
-def curated_units(config, *, split, seg_codec=None, tasks=None, class_names=None,
-                  train_config=None):
-  """OrderedDict {unit name: [curation.Example]} of `split` (see the module doc);
-  `train_config`: as in `evaluation`."""
+def _summary(rec):
+  return rec.meta["summary"] if "summary" in rec.meta else curation.summary(rec)
+
+
+def _fetch(rec):
+  """The full record of an index entry (a streamed stub is read from disk)."""
+  return tfds_source.fetch(rec) if rec.image is None else rec
+
+
+def _plan(config, split, tasks, class_names, train_config, positives_only):
+  """(records, seg_from_boxes [n] bool, OrderedDict {unit: stream.Unit}) of `split`, from
+  the records' summaries (nothing curated or read yet)."""
   cfgs = _datasets(config)
   tasks = tuple(tasks or _get(config, "tasks"))
   unknown = set(tasks) - set(prompts.TASKS)
@@ -159,20 +152,48 @@ def curated_units(config, *, split, seg_codec=None, tasks=None, class_names=None
   if mix_by not in ("task", "dataset_task"):
     raise InputError(f"config.mix_by must be 'task' or 'dataset_task', got {mix_by!r}")
   loaded, _ = _records(config, split, train_config)
-  names = _class_names(config, class_names)
-  units = collections.OrderedDict()
+  recs, from_boxes, picks = [], [], collections.OrderedDict()
   if mix_by == "task":
     for task in tasks:
-      units[task] = []
-  for name, recs in loaded.items():
+      picks[task] = (task, [], [])
+  for name, dataset_recs in loaded.items():
     seg_from_boxes = _plain(cfgs[name]).get("seg_from_boxes", _get(config, "seg_from_boxes"))
-    for rec in recs:
+    for rec in dataset_recs:
       if rec.split != split:
         continue
-      for ex in curation.curate(rec, class_names=names, tasks=tasks, seg_codec=seg_codec,
-                                seg_from_boxes=seg_from_boxes):
-        units.setdefault(ex.task if mix_by == "task" else f"{name}/{ex.task}", []).append(ex)
-  return units
+      counts = curation.task_counts(_summary(rec), tasks, seg_from_boxes=seg_from_boxes,
+                                    positives_only=positives_only)
+      for task, n in zip(tasks, counts):
+        if n:
+          unit = picks.setdefault(task if mix_by == "task" else f"{name}/{task}", (task, [], []))
+          unit[1].extend([len(recs)] * n)
+          unit[2].extend(range(n))
+      recs.append(rec)
+      from_boxes.append(bool(seg_from_boxes))
+  units = collections.OrderedDict((u, stream.Unit(*v)) for u, v in picks.items())
+  return recs, np.asarray(from_boxes, bool), units
+
+
+def _examples(config, plan, *, seg_codec, class_names, image_size, tokenizer=None, keep=None):
+  recs, from_boxes, units = plan
+  units = collections.OrderedDict((u, v) for u, v in units.items() if keep is None or u in keep)
+  return stream.Examples(
+      recs, units, fetch=_fetch, class_names=class_names, seg_codec=seg_codec,
+      seg_from_boxes=from_boxes, pp_image=_get(config, "pp_image"), image_size=image_size,
+      tokenizer=tokenizer, text_len=_get(config, "text_len"),
+      cache=_get(config, "cache_images") and all(r.image is not None for r in recs))
+
+
+def curated_units(config, *, split, seg_codec=None, tasks=None, class_names=None,
+                  train_config=None):
+  """OrderedDict {unit name: [curation.Example]} of `split` (see the module doc), all
+  curated in memory; `train_config`: as in `evaluation`."""
+  names = _class_names(config, class_names)
+  plan = _plan(config, split, tasks, names, train_config, positives_only=False)
+  make = _examples(config, plan, seg_codec=seg_codec, class_names=names, image_size=None)
+  return collections.OrderedDict(
+      (u, [make.example(r, unit.task, k) for r, k in zip(unit.rec, unit.k)])
+      for u, unit in make.units.items())
 
 
 def mixture_weights(sizes, weights):
@@ -203,105 +224,67 @@ def mixture_weights(sizes, weights):
   return {u: w / total for u, w in raw.items() if w > 0}
 
 
-class _Images:
-  """Model inputs of examples (`ops_image.model_input_fn`), first stage cached in memory."""
-
-  def __init__(self, config, image_size):
-    self.model_input = ops_image.model_input_fn(_get(config, "pp_image"), image_size)
-    self.cache = {} if _get(config, "cache_images") else None
-
-  def stored(self, ex):
-    key = (ex.source, ex.image_id)
-    if self.cache is not None and key in self.cache:
-      return self.cache[key]
-    out = self.model_input.stored(ex.image)
-    if self.cache is not None:
-      self.cache[key] = out
-    return out
-
-  def batch(self, exs):
-    """float32 [B, size, size, 3]."""
-    return self.model_input.finish(np.stack([self.stored(ex) for ex in exs]))
-
-
-class _Processor:
-  """Training batches: images and `tokenize_train` text, both cached per example."""
-
-  def __init__(self, config, tokenizer, image_size):
-    self.images = _Images(config, image_size)
-    text_len = _get(config, "text_len")
-    self.text_fn = builder.get_preprocess_fn(f"tokenize_train({text_len})", tokenizer=tokenizer)
-    self.text_len = text_len
-    self.truncated = collections.Counter()  # per task, counted once per example when cached
-    self.text_cache = {} if _get(config, "cache_images") else None
-
-  def text(self, ex):
-    """(text, mask_ar, mask_loss) of one example."""
-    key = id(ex)
-    if self.text_cache is not None and key in self.text_cache:
-      return self.text_cache[key]
-    out = self.text_fn({"prefix": ex.prefix, "suffix": ex.suffix})
-    out = (out["text"], out["mask_ar"], out["mask_loss"])
-    if out[0][-1] not in (tokenizer_lib.PAD_ID, tokenizer_lib.EOS_ID):
-      self.truncated[ex.task] += 1  # the suffix ran past text_len + 1: EOS (and more) cut
-      if self.truncated[ex.task] == 1:
-        logging.warning("text_len=%d truncates %s examples (first: %r); raise text_len",
-                        self.text_len, ex.task, ex.image_id)
-    if self.text_cache is not None:
-      self.text_cache[key] = out
-    return out
-
-  def batch(self, exs):
-    texts = [self.text(e) for e in exs]
-    return {"image": self.images.batch(exs), "text": np.stack([t[0] for t in texts]),
-            "mask_ar": np.stack([t[1] for t in texts]), "mask_loss": np.stack([t[2] for t in texts])}
+def _grain(dataset, config):
+  """A grain MapDataset -> an iterator; with config.num_workers > 0 the map runs in that
+  many worker processes (each a slice of the batches, output in order)."""
+  import grain  # pylint: disable=import-outside-toplevel
+  workers = int(_get(config, "num_workers"))
+  ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=int(_get(config, "read_threads")),
+                                                 prefetch_buffer_size=int(_get(config, "prefetch"))))
+  if workers > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  return iter(ds)
 
 
 class TrainIterator:
   """Endless per-process batches; `get_state()` / `set_state()` resume exactly."""
 
-  def __init__(self, units, probs, processor, *, batch_size, seed, process_index, process_count):
+  def __init__(self, examples, probs, config, *, batch_size, seed, process_index, process_count):
     if not 0 <= process_index < process_count:
       raise InputError(f"process_index {process_index} outside [0, {process_count})")
     if batch_size < 1:
       raise InputError(f"batch_size must be >= 1, got {batch_size}")
-    self.names = [u for u in units if u in probs]
-    self.units = {u: units[u] for u in self.names}
+    self.examples, self.config = examples, config
+    self.names = list(examples.names)
+    self.units = examples.units
     self.probs = {u: probs[u] for u in self.names}
-    self._cum = np.cumsum([probs[u] for u in self.names])
-    self._cum[-1] = 1.0
-    self.processor = processor
     self.batch_size, self.seed = batch_size, seed
     self.process_index, self.process_count = process_index, process_count
-    self._perms = {}
+    self.truncated = collections.Counter()  # per task, per example drawn
+    self._it = None
     self.set_state({"next_example": 0, "unit_counts": {u: 0 for u in self.names}})
 
   def get_state(self):
-    return {"next_example": self._g, "unit_counts": dict(self._counts)}
+    return {"next_example": self._g, "unit_counts": dict(zip(self.names, self._seq.counts(self._g)))}
 
   def set_state(self, state):
     counts = dict(state["unit_counts"])
     if set(counts) != set(self.names):
       raise InputError(f"iterator state has units {sorted(counts)}, this mixture has {sorted(self.names)}")
-    self._g, self._counts = int(state["next_example"]), {u: int(counts[u]) for u in self.names}
+    self._g = int(state["next_example"])
+    self._restart([int(counts[u]) for u in self.names])
 
-  def _perm(self, unit, epoch):
-    key = (unit, epoch)
-    if key not in self._perms:
-      self._perms = {k: v for k, v in self._perms.items() if k[0] != unit}
-      rng = np.random.default_rng([self.seed & _M64, _name_hash(unit), epoch])
-      self._perms[key] = rng.permutation(len(self.units[unit]))
-    return self._perms[key]
+  def _restart(self, counts):
+    """A sequence starting at the current example; the grain iterator is made on use."""
+    self.close()
+    self._seq = stream.Sequence([self.probs[u] for u in self.names], seed=self.seed,
+                                start=self._g, counts=counts)
+    self.examples.start(self._seq, seed=self.seed, process_index=self.process_index,
+                        process_count=self.process_count)
+
+  def close(self):
+    if self._it is not None and hasattr(self._it, "close"):
+      self._it.close()
+    self._it = None
 
   def draw(self):
-    """The next global example: (global index, unit, example)."""
+    """The next global example, made here: (global index, unit, curation.Example)."""
+    if self._it is not None:
+      self._restart(self._seq.counts(self._g))
     g = self._g
-    unit = self.names[min(int(np.searchsorted(self._cum, uniform(self.seed, g), side="right")),
-                          len(self.names) - 1)]
-    k = self._counts[unit]
-    epoch, pos = divmod(k, len(self.units[unit]))
-    self._g, self._counts[unit] = g + 1, k + 1
-    return g, unit, self.units[unit][self._perm(unit, epoch)[pos]]
+    unit, ex = self.examples.draw(g)
+    self._g += 1
+    return g, unit, ex
 
   def next_examples(self):
     """This process's `batch_size` examples of the next global batch."""
@@ -312,21 +295,21 @@ class TrainIterator:
     return self
 
   def __next__(self):
-    exs = self.next_examples()
-    return {**self.processor.batch(exs),
-            "task_id": np.asarray([TASK_IDS[e.task] for e in exs], np.int32)}
-
-
-def positives_only(units):
-  """`units` without the detection/segmentation examples that have no object.
-
-  A training-only option (`object_tasks_positives_only=True`): with many normal images
-  a small model trained from scratch learns to answer "no object" and never emits a
-  box. Evaluation keeps every image, normals included (any box there is a false positive).
-  """
-  return collections.OrderedDict(
-      (u, [ex for ex in exs if ex.task not in OBJECT_TASKS or len(ex.objects.bbox)])
-      for u, exs in units.items())
+    if self._it is None:
+      if self._g != self._seq.start:
+        self._restart(self._seq.counts(self._g))
+      import grain  # pylint: disable=import-outside-toplevel
+      self._it = _grain(grain.MapDataset.range(1 << 40).map(self.examples.train).batch(
+          self.batch_size, batch_fn=stream.stack_train), self.config)
+    batch = next(self._it)
+    self._g += self.batch_size * self.process_count
+    for task_id, cut in zip(batch["task_id"], batch.pop("truncated")):
+      task = prompts.TASKS[task_id]
+      self.truncated[task] += int(cut)  # the suffix ran past text_len + 1: EOS (and more) cut
+      if cut and self.truncated[task] == 1:
+        logging.warning("text_len=%d truncates %s examples; raise text_len",
+                        _get(self.config, "text_len"), task)
+    return {**batch, "image": self.examples.model_input.finish(batch["image"])}
 
 
 def training(config, *, batch_size, seed, tokenizer, process_index=0, process_count=1,
@@ -338,15 +321,15 @@ def training(config, *, batch_size, seed, tokenizer, process_index=0, process_co
   against pp_image's output (None: not checked; the default pp then gives 224).
   """
   seg_codec = _seg_codec(config, seg_codec)
-  units = curated_units(config, split=_get(config, "split"), seg_codec=seg_codec,
-                        class_names=class_names)
-  if _get(config, "object_tasks_positives_only"):
-    units = positives_only(units)
-  probs = mixture_weights({u: len(v) for u, v in units.items()}, _get(config, "weights"))
-  logging.info("mixture: %s", {u: (len(units[u]), round(p, 4)) for u, p in probs.items()})
-  return TrainIterator(units, probs, _Processor(config, tokenizer, image_size),
-                       batch_size=batch_size, seed=seed, process_index=process_index,
-                       process_count=process_count)
+  names = _class_names(config, class_names)
+  plan = _plan(config, _get(config, "split"), None, names, None,
+               positives_only=_get(config, "object_tasks_positives_only"))
+  probs = mixture_weights({u: len(v) for u, v in plan[2].items()}, _get(config, "weights"))
+  logging.info("mixture: %s", {u: (len(plan[2][u]), round(p, 4)) for u, p in probs.items()})
+  make = _examples(config, plan, seg_codec=seg_codec, class_names=names, image_size=image_size,
+                   tokenizer=tokenizer, keep=probs)
+  return TrainIterator(make, probs, config, batch_size=batch_size, seed=seed,
+                       process_index=process_index, process_count=process_count)
 
 
 def evaluation(config, *, task, split, batch_size, seg_codec=None, process_index=0,
@@ -365,18 +348,23 @@ def evaluation(config, *, task, split, batch_size, seg_codec=None, process_index
   if task not in prompts.TASKS:
     raise InputError(f"unknown task {task!r}; known: {prompts.TASKS}")
   seg_codec = _seg_codec(dict(_plain(config), tasks=(task,)), seg_codec)
-  units = curated_units(config, split=split, seg_codec=seg_codec, tasks=(task,),
-                        class_names=class_names, train_config=train_config)
-  everything = [ex for unit in units.values() for ex in unit]
+  names = _class_names(config, class_names)
+  plan = _plan(config, split, (task,), names, train_config, positives_only=False)
+  everything = [(r, task, k) for unit in plan[2].values() for r, k in zip(unit.rec, unit.k)]
   if not everything:
     logging.warning("evaluation: no %s examples in split %r", task, split)
     return
-  exs = everything[process_index::process_count]
+  mine = everything[process_index::process_count]
   n_batches = math.ceil(math.ceil(len(everything) / process_count) / batch_size)
-  images = _Images(config, image_size)
+  items, valid = [], []
   for b in range(n_batches):
-    chunk = exs[b * batch_size:(b + 1) * batch_size]
-    valid = np.arange(batch_size) < len(chunk)
-    chunk = chunk + [(chunk or everything)[-1]] * (batch_size - len(chunk))
-    yield ({"image": images.batch(chunk), "valid": valid},
-           [e.ground_truth() for e, v in zip(chunk, valid) if v])
+    chunk = mine[b * batch_size:(b + 1) * batch_size]
+    valid.append(np.arange(batch_size) < len(chunk))
+    items += [(*e, True) for e in chunk] + [(*(chunk or everything)[-1], False)] * (batch_size - len(chunk))
+  make = _examples(config, plan, seg_codec=seg_codec, class_names=names, image_size=image_size)
+  import grain  # pylint: disable=import-outside-toplevel
+  batches = _grain(grain.MapDataset.source(items).map(make.get).batch(
+      batch_size, batch_fn=stream.stack_eval), config)
+  for b in range(n_batches):
+    images, gts = next(batches)
+    yield {"image": make.model_input.finish(images), "valid": valid[b]}, gts

@@ -66,7 +66,7 @@ def test_each_epoch_of_a_unit_is_a_permutation(tok):
     if u == unit:
       seen.append(ex.image_id)
   first, second = seen[:n], seen[n:]
-  assert sorted(first) == sorted(second) == sorted(e.image_id for e in it.units[unit])
+  assert sorted(first) == sorted(second) == sorted(it.examples.records[r].image_id for r in it.units[unit].rec)
   assert first != second  # a new permutation each epoch
 
 
@@ -135,7 +135,8 @@ def test_object_tasks_positives_only_filters_training_not_evaluation(tok):
   assert 0 < n_normal < len(full["detection"])
   it = ip.training(cfg, batch_size=64, seed=0, tokenizer=tok)
   assert len(it.units["detection"]) == len(full["detection"]) - n_normal
-  assert all(len(e.objects.bbox) for e in it.units["detection"])
+  det = it.units["detection"]
+  assert all(len(it.examples.example(r, "detection", k).objects.bbox) for r, k in zip(det.rec, det.k))
   assert [len(it.units[t]) for t in ("diagnosis", "vqa", "report")] == [
       len(full[t]) for t in ("diagnosis", "vqa", "report")]
   gts = [g for _, gt in ip.evaluation(cfg, task="detection", split="train", batch_size=64) for g in gt]
@@ -173,7 +174,8 @@ def test_class_names_from_the_data_config_or_argument(tok):
                                       class_names=names) for g in gt]
   assert {g["prefix"] for g in gts} == {"detect active tb ; latent tb ; uncertain tb"}
   it = ip.training(config(tasks=("detection",)), batch_size=2, seed=0, tokenizer=tok, class_names=names)
-  assert {e.prefix for e in it.units["detection"]} == {"detect active tb ; latent tb ; uncertain tb"}
+  det = it.units["detection"]
+  assert {it.examples.example(r, "detection", k).prefix for r, k in zip(det.rec, det.k)} == {"detect active tb ; latent tb ; uncertain tb"}
 
 
 def test_seg_codec_none_is_the_demo_vqvae(monkeypatch):
@@ -221,10 +223,10 @@ def test_truncation_is_counted_and_logged(tok, caplog):
   with caplog.at_level("WARNING"):
     batch = next(it)
   reports = batch["task_id"] == prompts.TASKS.index("report")
-  assert reports.any() and it.processor.truncated["report"] >= 1
-  assert it.processor.truncated["diagnosis"] == 0
-  assert "text_len=16 truncates report examples" in caplog.text
   cut = reports & ~np.isin(batch["text"][:, -1], [tok.pad_id, tok.eos_id])
+  assert reports.any() and it.truncated["report"] == cut.sum() >= 1  # per example drawn
+  assert it.truncated["diagnosis"] == 0
+  assert "text_len=16 truncates report examples" in caplog.text
   assert cut.any() and np.all(batch["mask_loss"][cut, -1] == 1)  # cut plainly, EOS lost
 
 

@@ -193,3 +193,33 @@ def curate(record, *, class_names, tasks=prompts.TASKS, seg_codec=None, seg_from
       out.append(Example(task=task, prefix=prompts.segment_prefix(class_names), suffix=suffix,
                          objects=objs, **base))
   return out
+
+
+def summary(record):
+  """What `task_counts` and `classes` need of a record, as JSON-able ints (no image):
+  n_objects, n_vqa, lesions_known, masks_known, classes (bit i: CLASS_NAMES[i])."""
+  objs = record.objects
+  return dict(n_objects=len(objs), n_vqa=len(vqa_pairs(record)),
+              lesions_known=int(record.label != "tb" or len(objs) > 0),
+              masks_known=int(objs.mask is not None),
+              classes=sum(1 << records.CLASS_NAMES.index(l) for l in set(objs.label)))
+
+
+def classes(summary_):
+  """The class names a `summary` says its record has."""
+  return [c for i, c in enumerate(records.CLASS_NAMES) if summary_["classes"] >> i & 1]
+
+
+def task_counts(summary_, tasks, *, seg_from_boxes=False, positives_only=False):
+  """[number of examples `curate` gives per task in `tasks`] for a record's `summary`;
+  positives_only: no detection/segmentation example without an object."""
+  s = summary_
+  known = bool(s["lesions_known"]) and (s["n_objects"] > 0 or not positives_only)
+  seg = known and (bool(s["masks_known"]) or s["n_objects"] == 0 or seg_from_boxes)
+  n = dict(diagnosis=1, vqa=s["n_vqa"], report=1, detection=int(known), segmentation=int(seg))
+  return [n[t] for t in tasks]
+
+
+def example(record, task, k, **kwargs):
+  """The `k`-th `task` example of `record` (`curate`'s order); kwargs as in `curate`."""
+  return curate(record, tasks=(task,), **kwargs)[k]

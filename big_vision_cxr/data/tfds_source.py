@@ -1,6 +1,14 @@
 """Reads a built TFDS `cxr_tb` dataset back into source records (the 'tfds' source).
 
     recs = tfds_source.read("cxr_tb/phantom", data_dir=None, split=None)
+    rec = tfds_source.fetch(recs[0])   # a streamed entry's full record, read from disk
+
+An ArrayRecord build (the builder's default) with its record index in the metadata
+(`info.metadata['index']`: per split, columns per record in file order) is
+streamed: `read` returns entries without image or objects (`image` None; `meta`
+holds the record's `curation.summary` and where it lies), and `fetch` reads one
+record by index through `tfds.data_source` (opened once per process). Other builds
+(TFRecord, no index) or `stream=False` are read whole into memory.
 
 The features are those `tfds_builders/cxr_tb.py` writes (docs/DATA.md, section 5):
 ClassLabels back to names, '' back to None, a 1x1 mask where `masks_known` is
@@ -8,6 +16,7 @@ False back to no masks, `findings` JSON back to a dict. tensorflow_datasets is
 imported only when a dataset is read. A dataset that is not built and an
 unknown split are a `TfdsSourceError`.
 """
+import dataclasses
 import json
 import pathlib
 
@@ -46,9 +55,39 @@ def example_to_record(ex, split=None):
       split=split, meta=dict(findings=json.loads(_str(ex["findings"])))))
 
 
-def read(name, data_dir=None, split=None):
+_SOURCES = {}  # (dataset dir, split) -> tfds data source, per process
+
+
+def _stubs(data_dir, split, cols):
+  """Index entries of one split (the builder's columns) as records without pixels."""
+  keys = ("n_objects", "n_vqa", "lesions_known", "masks_known", "classes")
+  return [records.SourceRecord(
+      image_id=cols["image_id"][i], patient_id=cols["patient_id"][i], source=cols["source"][i],
+      image=None, label=records.LABELS[cols["label"][i]], objects=records.Objects.empty(),
+      split=split, meta=dict(summary={k: cols[k][i] for k in keys}, stream=(data_dir, split, i)))
+      for i in range(len(cols["image_id"]))]
+
+
+def fetch(stub):
+  """The full record of a streamed entry (its source, patient id and split kept)."""
+  data_dir, split, index = stub.meta["stream"]
+  try:
+    if (data_dir, split) not in _SOURCES:
+      import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+      _SOURCES[(data_dir, split)] = tfds.builder_from_directory(data_dir).as_data_source(split)
+    rec = example_to_record(_SOURCES[(data_dir, split)][index], split=split)
+  except Exception as e:  # Any failure reading one record is that record's error.
+    raise TfdsSourceError(f"{data_dir} split {split} record {index} ({stub.image_id!r}): "
+                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+  if rec.image_id != stub.image_id:
+    raise TfdsSourceError(f"{data_dir} split {split} record {index} is {rec.image_id!r}, its "
+                          f"index says {stub.image_id!r}: rebuild the dataset")
+  return dataclasses.replace(rec, source=stub.source, patient_id=stub.patient_id, split=stub.split)
+
+
+def read(name, data_dir=None, split=None, stream=True):
   """Every example of a built `cxr_tb/<config>` (or a dataset directory) as records;
-  each keeps the split it was stored under."""
+  each keeps the split it was stored under. Streamed when possible (module doc)."""
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   path = pathlib.Path(name)
   not_built = (f"tfds dataset {name!r} (data_dir {data_dir}) is not built (build it with "
@@ -63,8 +102,13 @@ def read(name, data_dir=None, split=None):
   if split and split not in builder.info.splits:
     raise TfdsSourceError(f"tfds dataset {name!r} has no split {split!r}; it has "
                           f"{sorted(builder.info.splits)}")
+  index = builder.info.metadata.get("index") if builder.info.metadata else None
+  streamable = stream and index and builder.info.file_format.value == "array_record"
   out = []
   for s in ([split] if split else list(builder.info.splits)):
+    if streamable:
+      out += _stubs(str(builder.data_dir), s, index[s])
+      continue
     for ex in tfds.as_numpy(builder.as_dataset(split=s, shuffle_files=False)):
       out.append(example_to_record(ex, split=s))
   return out
@@ -73,5 +117,6 @@ def read(name, data_dir=None, split=None):
 @DATA_SOURCES.register("tfds")
 def from_config(name, cfg):
   """(records, skips) of dict(source='tfds', name='cxr_tb/<config>' or a dataset folder,
-  data_dir=None, tfds_split=None (every split))."""
-  return read(cfg["name"], data_dir=cfg.get("data_dir"), split=cfg.get("tfds_split")), images.Skips(name)
+  data_dir=None, tfds_split=None (every split), stream=True)."""
+  return (read(cfg["name"], data_dir=cfg.get("data_dir"), split=cfg.get("tfds_split"),
+               stream=cfg.get("stream", True)), images.Skips(name))
