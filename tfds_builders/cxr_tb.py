@@ -6,8 +6,15 @@ or with the TFDS CLI (it imports apache_beam at start-up in tfds 4.9.x,
 tensorflow/datasets#5463, so `pip install apache-beam` first):
     tfds build cxr_tb --imports tfds_builders.cxr_tb --config nih_cxr14 --manual_dir /data/nih
 
+Files are ArrayRecord (`file_format='array_record'`, random access through
+`tfds.data_source`), examples in generation order (no shuffling), and the
+metadata holds what the input pipeline needs up front (docs/DATA.md, section 5):
+`index` (per split, per record in file order: image_id, patient_id, source, label
+and `curation.summary`), `task_counts` (per split and task, every option at its
+default) and `class_names`.
+
 Configs: `phantom` (1000 synthetic images, 256 px), `phantom_small` (48 at 64 px,
-for tests), `tbx11k` (manual_dir holds the release's `TBX11K/` folder),
+for tests; phantoms are generated one at a time while writing), `tbx11k` (manual_dir holds the release's `TBX11K/` folder),
 `nih_cxr14` (manual_dir holds the NIH `manifest.csv` + images), `manifest`
 (manual_dir holds `manifest.csv` or `manifest.jsonl` in the generic format of
 `data/manifest.py`). Splits train/val/test are by patient (`data/splits.py`,
@@ -36,7 +43,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from big_vision_cxr import errors
-from big_vision_cxr.data import images, manifest, phantom, records, splits, tbx11k
+from big_vision_cxr.data import curation, images, manifest, phantom, prompts, records, splits
+from big_vision_cxr.data import tbx11k
 
 
 class BuildError(errors.Error):
@@ -50,13 +58,15 @@ class CxrTbConfig(tfds.core.BuilderConfig):
   size: int = 256
   difficulty: float = 0.3
   split_seed: int = 0
+  distinct_images: int = 0  # phantom, for throughput benchmarks: record i shows phantom i % this
 
 
 class CxrTb(tfds.core.GeneratorBasedBuilder):
   """Chest radiographs with TB labels, lesion boxes/masks, reports and QA."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release: phantom, TBX11K, NIH normals, generic manifest."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First release: phantom, TBX11K, NIH normals, generic manifest.",
+                   "1.1.0": "ArrayRecord in generation order; record index in the metadata."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   tbx11k: point --manual_dir at the folder holding TBX11K/ (imgs/, annotations/xml/, lists/).
   nih_cxr14: the folder holding manifest.csv and images/ (see data/manifest.py NIH_CXR14).
@@ -71,6 +81,9 @@ class CxrTb(tfds.core.GeneratorBasedBuilder):
       CxrTbConfig(name="nih_cxr14", source="nih_cxr14", description="NIH 'No Finding' normals."),
       CxrTbConfig(name="manifest", source="manifest", description="A generic CSV/JSONL manifest."),
   ]
+
+  def __init__(self, *, file_format="array_record", **kwargs):
+    super().__init__(file_format=file_format, **kwargs)
 
   def _info(self):
     text = tfds.features.Text()
@@ -91,6 +104,7 @@ class CxrTb(tfds.core.GeneratorBasedBuilder):
             "findings": text,
         }),
         metadata=tfds.core.MetadataDict(),
+        disable_shuffling=True,  # file order = generation order = the metadata's index
         homepage="https://mmcheng.net/tb/",
     )
 
@@ -120,6 +134,16 @@ class CxrTb(tfds.core.GeneratorBasedBuilder):
       seen[key] = origin
 
   def _split_generators(self, dl_manager):
+    cfg = self.builder_config
+    self.info.metadata.update(index={}, task_counts={}, class_names=[])
+    if cfg.source == "phantom":  # one at a time: a scale build never holds its images
+      self.info.metadata["skipped"] = images.Skips(f"cxr_tb/{cfg.name}").summary()
+      self.info.metadata["records"] = cfg.n
+      by_split = {s: [] for s in splits.SPLITS}
+      for i in range(cfg.n):
+        by_split[splits.assign(phantom.patient_of(i)[0], seed=cfg.split_seed)].append(i)
+      return {s: self._generate_examples(s, map(self._phantom, idx))
+              for s, idx in by_split.items() if idx}
     recs, skips = self._read(dl_manager)
     if not recs:
       raise BuildError(f"cxr_tb/{self.builder_config.name}: no records to build")
@@ -131,11 +155,51 @@ class CxrTb(tfds.core.GeneratorBasedBuilder):
       logging.warning("cxr_tb/%s: %d inputs skipped (see info.metadata['skipped'])",
                       self.builder_config.name, len(skips))
     by_split = {s: [r for r in recs if r.split == s] for s in splits.SPLITS}
-    return {s: self._generate_examples(rs) for s, rs in by_split.items() if rs}
+    return {s: self._generate_examples(s, rs) for s, rs in by_split.items() if rs}
 
-  def _generate_examples(self, recs):
+  def _phantom(self, i):
+    """Phantom record i (split by patient like the other sources), or with
+    `distinct_images` K its image id and patient on phantom i % K's picture."""
+    cfg = self.builder_config
+    k = i % cfg.distinct_images if cfg.distinct_images else i
+    rec = phantom.generate(k, size=cfg.size, difficulty=cfg.difficulty)
+    if cfg.distinct_images:
+      rec.meta["picture"] = k
+      rec.image_id, rec.patient_id = f"phantom-s0-{i:07d}", phantom.patient_of(i)[0]
+    rec.split = splits.assign(rec.patient_id, seed=cfg.split_seed)
+    return rec
+
+  def _generate_examples(self, split, recs):
+    """Writes `recs` in order and their index into the metadata (module doc)."""
+    cols = {k: [] for k in INDEX_KEYS}
+    encoded = {}  # distinct_images: the encoded example of each picture
     for rec in recs:
-      yield example_key(rec), record_to_example(rec)
+      summary = curation.summary(rec)
+      for k, v in dict(image_id=rec.image_id, patient_id=rec.patient_id, source=rec.source,
+                       label=records.LABELS.index(rec.label), **summary).items():
+        cols[k].append(v)
+      ex = record_to_example(rec)
+      if "picture" in rec.meta:  # PNG-encode each distinct picture (and its masks) once
+        if rec.meta["picture"] not in encoded:
+          png = self.info.features["image"].encode_example
+          encoded[rec.meta["picture"]] = (png(ex["image"]), [png(m) for m in ex["objects"]["mask"]])
+        ex["image"], ex["objects"]["mask"] = encoded[rec.meta["picture"]]
+      yield example_key(rec), ex
+    md = self.info.metadata
+    md["index"][split] = cols
+    md["task_counts"][split] = dict(zip(prompts.TASKS, np.sum(
+        [curation.task_counts(s, prompts.TASKS) for s in _rows(cols)], axis=0).tolist()))
+    md["class_names"] = sorted(set(md["class_names"]).union(
+        *[curation.classes(s) for s in _rows(cols)]))
+
+
+INDEX_KEYS = ("image_id", "patient_id", "source", "label", "n_objects", "n_vqa", "lesions_known",
+              "masks_known", "classes")
+
+
+def _rows(cols):
+  keys = ("n_objects", "n_vqa", "lesions_known", "masks_known", "classes")
+  return [dict(zip(keys, v)) for v in zip(*(cols[k] for k in keys))]
 
 
 def example_key(rec):

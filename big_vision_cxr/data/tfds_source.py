@@ -109,8 +109,12 @@ def read(name, data_dir=None, split=None, stream=True):
     if streamable:
       out += _stubs(str(builder.data_dir), s, index[s])
       continue
-    for ex in tfds.as_numpy(builder.as_dataset(split=s, shuffle_files=False)):
-      out.append(example_to_record(ex, split=s))
+    if builder.info.file_format.value == "array_record":
+      source = builder.as_data_source(s)
+      examples = (source[i] for i in range(len(source)))
+    else:
+      examples = tfds.as_numpy(builder.as_dataset(split=s, shuffle_files=False))
+    out += [example_to_record(ex, split=s) for ex in examples]
   return out
 
 
