@@ -11,10 +11,14 @@ contiguous positions 0..n-1 for the real prefix, then n, n+1, ... for the suffix
 The prefill runs the whole prefix once and fills the cache; each later step feeds
 one token. Only the last prefix position's logits are computed (the full-vocab
 head on every prefix position would dominate memory with a 257k vocabulary).
-With a 257k vocabulary the tied head dominates each decode step: `head_dtype=
-jnp.bfloat16` runs it on a bfloat16 copy of the table (cast once per call) with
-float32 accumulation, about half the memory traffic; the default (None) is the
-model's exact head.
+
+Each decode step should only read the weights and the KV cache. The LLM therefore
+runs in gemma's dot layout (`prepare`: the weights D-first and the tied head as a
+[D, V] table, transposed once, outside the loop), so XLA copies no weight inside
+the step. `Predictor` prepares once per params; the jitted functions prepare once
+per call when given the stored params. `weights_dtype=jnp.bfloat16` decodes with
+bfloat16 LLM weights and activations (float32 logits and softmax statistics), about
+half the memory traffic of a step; the default (None) is the model's own dtype.
 
 Log-probabilities: every returned `token_logprobs[i]` is log_softmax of the
 model's *untempered, unmasked* logits for the chosen token, i.e. the model's own
@@ -29,13 +33,15 @@ can overtake it, log-probs being <= 0) or at `max_decode_len`, where unfinished
 hypotheses compete with the score of their truncated tokens.
 """
 import functools
+from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from big_vision_cxr import errors
-from big_vision_cxr.models.gemma import softcap
+from big_vision_cxr.models import gemma
 from big_vision_cxr.models.paligemma import make_attn_mask
 from big_vision_cxr.pp import ops_text
 
@@ -83,26 +89,36 @@ def _token_logprob(logits, tokens):  # [B, V], [B] -> [B]
   return chosen - jax.nn.logsumexp(logits, axis=-1)
 
 
-def head_table(params, head_dtype):
-  """The tied head's table in `head_dtype` (None: the exact head of `Model.logits`)."""
-  if head_dtype is None:
-    return None
-  return params["llm"]["embedder"]["input_embedding"].astype(head_dtype)
+@flax.struct.dataclass
+class DecodeParams:
+  """Params laid out for decoding by `prepare`: `img` as stored, `llm` in gemma's dot
+  layout (cast to `weights_dtype`)."""
+  params: Any
+  weights_dtype: Any = flax.struct.field(pytree_node=False, default=None)
 
 
-def head_logits(model, params, pre_logits, table=None):
-  """pre_logits [B, D] -> logits [B, V] f32: `Model.logits`, or with a reduced-precision
-  `table` [V, D] the same tied head and softcap with float32 accumulation."""
-  if table is None:
-    return model.apply({"params": params}, pre_logits[:, None], method="logits")[:, 0]
-  rows = pre_logits.astype(table.dtype)
-  if rows.shape[0] == 1:  # XLA:CPU's bf16 matrix-vector path is slow; 2 rows use the GEMM.
-    rows = jnp.concatenate([rows, rows])
-  logits = jnp.einsum("BD,VD->BV", rows, table, preferred_element_type=jnp.float32)
-  return softcap(logits[:pre_logits.shape[0]], model.llm.get("final_logits_softcap"))
+def prepare(params, weights_dtype=None):
+  """Stored params -> DecodeParams (one transposed copy of the LLM weights; jittable)."""
+  if isinstance(params, DecodeParams):
+    return params
+  llm = gemma.to_dot_layout(params["llm"], weights_dtype)
+  return DecodeParams(dict(params, llm=llm), weights_dtype)
 
 
-def prefill(model, params, images, text, input_mask, max_decode_len, cache_dtype, table=None):
+def decode_model(model, weights_dtype=None):
+  """`model` with its LLM in the dot layout, computing in `weights_dtype` (None: as is)."""
+  llm = dict(model.llm, dot_layout=True)
+  if weights_dtype is not None:
+    llm["dtype"] = weights_dtype
+  return type(model)(img=model.img, llm=llm)
+
+
+def head_logits(model, params, pre_logits):
+  """pre_logits [B, D] -> logits [B, V] float32 (the tied head, softcap included)."""
+  return model.apply({"params": params}, pre_logits[:, None], method="logits")[:, 0]
+
+
+def prefill(model, params, images, text, input_mask, max_decode_len, cache_dtype):
   """Runs image + prompt through the LLM once, filling a fresh cache.
 
   text, input_mask [B, P]: BOS + prompt + "\\n", left-aligned, pads masked.
@@ -121,25 +137,34 @@ def prefill(model, params, images, text, input_mask, max_decode_len, cache_dtype
       method="llm_forward", mutable=["cache"])
   n_valid = jnp.sum(mask, axis=1)  # [B]; valid slots are [0, n_valid).
   last = out["pre_logits"][jnp.arange(b), n_valid - 1]  # [B, D]
-  logits = head_logits(model, params, last, table)
+  logits = head_logits(model, params, last)
   valid = jnp.pad(mask, ((0, 0), (0, max_decode_len)))  # [B, S]
   return logits, variables["cache"], valid, n_valid, prefix_len
 
 
-def extend(model, params, cache, tokens, positions, valid, table=None):
+def extend(model, params, cache, tokens, positions, valid):
   """Feeds one token per example (tokens, positions [B]); valid [B, S] must
   already include its slot. Returns (logits [B, V] f32, cache)."""
   (_, out), variables = model.apply(
       {"params": params, "cache": cache}, tokens[:, None], positions[:, None], valid[:, None, :],
       decode=True, method="llm_forward", mutable=["cache"])
-  return head_logits(model, params, out["pre_logits"][:, 0], table), variables["cache"]
+  return head_logits(model, params, out["pre_logits"][:, 0]), variables["cache"]
+
+
+def _for_decoding(model, params, weights_dtype):
+  """(decode_model, its params): stored params are prepared here, once per call."""
+  params = prepare(params, weights_dtype)
+  if params.weights_dtype != weights_dtype:
+    raise DecodeError(f"params prepared for weights_dtype={params.weights_dtype}, "
+                      f"the function decodes with {weights_dtype}.")
+  return decode_model(model, weights_dtype), params.params
 
 
 def _sample(model, params, images, text, input_mask, rng, *, max_decode_len, eos_id, pick,
-            cache_dtype, head_dtype):
-  table = head_table(params, head_dtype)
+            cache_dtype, weights_dtype):
+  model, params = _for_decoding(model, params, weights_dtype)
   logits, cache, valid, n_valid, prefix_len = prefill(
-      model, params, images, text, input_mask, max_decode_len, cache_dtype, table)
+      model, params, images, text, input_mask, max_decode_len, cache_dtype)
   b = text.shape[0]
   rng = jax.random.PRNGKey(0) if rng is None else rng
 
@@ -155,7 +180,7 @@ def _sample(model, params, images, text, input_mask, rng, *, max_decode_len, eos
     t = state["t"]  # Feed token t-1 into slot prefix_len + t - 1 at position n_valid + t - 1.
     valid = state["valid"].at[:, prefix_len + t - 1].set(True)
     logits, cache = extend(model, params, state["cache"], state["tokens"][:, t - 1],
-                           n_valid + t - 1, valid, table)
+                           n_valid + t - 1, valid)
     return record(dict(state, cache=cache, valid=valid), logits)
 
   def cond(state):
@@ -169,12 +194,12 @@ def _sample(model, params, images, text, input_mask, rng, *, max_decode_len, eos
 
 
 def _beam(model, params, images, text, input_mask, rng, *, max_decode_len, eos_id, beam_size,
-          cache_dtype, head_dtype):
+          cache_dtype, weights_dtype):
   del rng  # Deterministic.
   k = beam_size
-  table = head_table(params, head_dtype)
+  model, params = _for_decoding(model, params, weights_dtype)
   logits, cache, valid, n_valid, prefix_len = prefill(
-      model, params, images, text, input_mask, max_decode_len, cache_dtype, table)
+      model, params, images, text, input_mask, max_decode_len, cache_dtype)
   b, vocab = logits.shape
   logp0 = jax.nn.log_softmax(logits)  # [B, V]
   scores, tok = jax.lax.top_k(logp0, k)  # [B, k], sorted best first.
@@ -188,7 +213,7 @@ def _beam(model, params, images, text, input_mask, rng, *, max_decode_len, eos_i
     t = state["t"]
     valid = state["valid"].at[:, prefix_len + t - 1].set(True)
     logits, cache = extend(model, params, state["cache"], state["tokens"][:, :, t - 1].reshape(-1),
-                           n_valid + t - 1, valid, table)
+                           n_valid + t - 1, valid)
     lp = jax.nn.log_softmax(logits).reshape(b, k, vocab)
     done = state["done"]  # [B, k]; a finished beam may only add pad (0) at no cost.
     only_pad = jnp.where(jnp.arange(vocab) == 0, 0.0, -jnp.inf)
@@ -216,9 +241,10 @@ def _beam(model, params, images, text, input_mask, rng, *, max_decode_len, eos_i
 
 def make_generate_fn(model, *, max_decode_len, eos_id, sampler="greedy", temperature=1.0,
                      top_k=None, top_p=None, beam_size=1, cache_dtype=jnp.float32,
-                     head_dtype=None):
+                     weights_dtype=None):
   """Jitted fn(params, images, text, input_mask, rng) -> (tokens, logprobs) [B, max_decode_len].
 
+  params: the stored params, or `prepare(params, weights_dtype)` (reused across calls).
   text / input_mask [B, P]: BOS + prompt + "\\n" left-aligned, then pads (mask 0).
   Stops when every example has produced `eos_id` (pass -1 to never stop early).
   """
@@ -232,7 +258,7 @@ def make_generate_fn(model, *, max_decode_len, eos_id, sampler="greedy", tempera
                              top_p=top_p)
     fn = functools.partial(_sample, model, pick=pick)
   return jax.jit(functools.partial(fn, max_decode_len=max_decode_len, eos_id=eos_id,
-                                   cache_dtype=cache_dtype, head_dtype=head_dtype))
+                                   cache_dtype=cache_dtype, weights_dtype=weights_dtype))
 
 
 def make_score_fn(model):
@@ -270,14 +296,16 @@ class Predictor:
 
   def __init__(self, model, tokenizer, *, max_decode_len, sampler="greedy", beam_size=1,
                temperature=1.0, top_k=None, top_p=None, max_prompt_len=128, length_bucket=16,
-               cache_dtype=jnp.float32, head_dtype=None):
+               cache_dtype=jnp.float32, weights_dtype=None):
     self.model, self.tokenizer = model, tokenizer
     self.max_decode_len, self.max_prompt_len = max_decode_len, max_prompt_len
     self.length_bucket = length_bucket
     self._generate = make_generate_fn(
         model, max_decode_len=max_decode_len, eos_id=tokenizer.eos_id, sampler=sampler,
         temperature=temperature, top_k=top_k, top_p=top_p, beam_size=beam_size,
-        cache_dtype=cache_dtype, head_dtype=head_dtype)
+        cache_dtype=cache_dtype, weights_dtype=weights_dtype)
+    self._prepare = jax.jit(functools.partial(prepare, weights_dtype=weights_dtype))
+    self._prepared = (None, None)  # (params, prepare(params)): params held, so `is` is safe.
     self._score = make_score_fn(model)
 
   def _prefix_ids(self, prefix):
@@ -318,7 +346,9 @@ class Predictor:
     n = len(prompts)
     images, text = self._pad_batch([images, text], n)
     rng = jax.random.PRNGKey(0) if rng is None else rng
-    tokens, logps = jax.device_get(self._generate(params, images, text, text != 0, rng))
+    if self._prepared[0] is not params:
+      self._prepared = (params, self._prepare(params))
+    tokens, logps = jax.device_get(self._generate(self._prepared[1], images, text, text != 0, rng))
     results = []
     for toks, lps in zip(tokens[:n], logps[:n]):
       toks = toks.tolist()

@@ -177,16 +177,42 @@ def test_sampling(setup, reference, sampler, kw):
     assert rank.max() > 3
 
 
-def test_bfloat16_head(setup, reference):
-  """head_dtype=bfloat16: log-probs within bf16 rounding of the exact model's for the same
-  tokens; batch 1 (the 2-row GEMM path) gives what the batch gives for that example."""
+def test_bfloat16_weights(setup, reference):
+  """weights_dtype=bfloat16: log-probs within bf16 rounding of the exact model's for the same
+  tokens; batch 1 gives what the batch gives for that example."""
   model, params, images, text = setup
-  fn = decode.make_generate_fn(model, max_decode_len=STEPS, eos_id=-1, head_dtype=jnp.bfloat16)
+  fn = decode.make_generate_fn(model, max_decode_len=STEPS, eos_id=-1, weights_dtype=jnp.bfloat16)
   tokens, logps = jax.device_get(fn(params, images, text, text != 0, None))
-  np.testing.assert_allclose(logps, reference.token_logprobs(PROMPTS, tokens), atol=0.05)
+  np.testing.assert_allclose(logps, reference.token_logprobs(PROMPTS, tokens), atol=0.1)
   one, one_logps = jax.device_get(fn(params, images[:1], text[:1], text[:1] != 0, None))
   np.testing.assert_array_equal(one[0], tokens[0])
-  np.testing.assert_allclose(one_logps[0], logps[0], atol=1e-4)
+  np.testing.assert_allclose(one_logps[0], logps[0], atol=0.02)
+  with pytest.raises(decode.DecodeError, match="prepared for weights_dtype"):
+    fn(decode.prepare(params), images, text, text != 0, None)
+
+
+def test_prepared_params_give_the_same_tokens(setup, greedy):
+  """prepare() (dot layout, done once) == the stored params prepared inside each call."""
+  model, params, images, text = setup
+  prepared = decode.prepare(params)
+  assert prepared.params["llm"]["embedder"]["input_embedding"].shape[::-1] == (
+      params["llm"]["embedder"]["input_embedding"].shape)
+  fn = decode.make_generate_fn(model, max_decode_len=STEPS, eos_id=-1)
+  tokens, logps = jax.device_get(fn(prepared, images, text, text != 0, None))
+  np.testing.assert_array_equal(tokens, greedy[0])
+  np.testing.assert_allclose(logps, greedy[1], atol=1e-6)
+
+
+def test_decode_step_copies_no_weight(setup):
+  """The compiled loop body reads each weight as prepared: no transpose or copy of a weight
+  (or of the [D, V] head) happens inside the while loop."""
+  model, params, images, text = setup
+  fn = decode.make_generate_fn(model, max_decode_len=STEPS, eos_id=-1)
+  hlo = fn.lower(decode.prepare(params), images, text, text != 0, None).compile().as_text()
+  vocab = model.llm["vocab_size"]
+  copies = [line for line in hlo.splitlines()
+            if ("transpose(" in line or " copy(" in line) and str(vocab) in line]
+  assert not copies, copies
 
 
 def test_eos_stops_each_example(setup, greedy):

@@ -157,6 +157,22 @@ def test_cached_decoding_matches_full_forward(tiny):
   assert not np.asarray(attn_cache["k_cache"][:, :, length:]).any()  # Unwritten slots stay empty.
 
 
+def test_dot_layout_is_the_same_model(tiny):
+  """gemma's dot layout (decoding's: D-first weights, [D, V] head) on `to_dot_layout`
+  params gives the stored layout's logits, and its init has exactly those shapes."""
+  from big_vision_cxr.models import gemma  # pylint: disable=import-outside-toplevel
+  cfg, model, params, (image, text, mask_ar), forward = tiny
+  dot_model = pg.Model(img=cfg["img"], llm=dict(cfg["llm"], dot_layout=True))
+  dot_params = dict(params, llm=gemma.to_dot_layout(params["llm"]))
+  shapes = jax.eval_shape(dot_model.init, jax.random.PRNGKey(0), image, text, mask_ar)["params"]
+  assert jax.tree.map(lambda s: s.shape, shapes) == jax.tree.map(jnp.shape, dot_params)
+  logits = dot_model.apply({"params": dot_params}, image, text, mask_ar)[0]
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(forward(params, image, text, mask_ar)),
+                             atol=1e-5, rtol=1e-6)
+  emb = params["llm"]["embedder"]["input_embedding"]
+  np.testing.assert_array_equal(dot_params["llm"]["embedder"]["input_embedding"], emb.T)
+
+
 def test_init_cache_layout_and_dtype():
   cfg = pg.get_config("tiny_pg2").to_dict()
   cache = pg.Model(**cfg).init_cache(3, 17)

@@ -22,6 +22,12 @@ all equal). A `decode=True` call writes its T new keys/values at
 [cache_index, cache_index + T), advances the index and attends over all S slots
 with the caller's mask [B, T, S]. The caller keeps cache_index + T <= S: under jit an
 out-of-range write cannot raise, and XLA would clamp it onto the last slots.
+
+Dot layout (`dot_layout=True`, for decoding): the weights whose contracted axis D is
+not leading are stored D-first, as the step's dots read them, and the tied table as
+[D, V]: `input_embedding` [D, V], `q_einsum/w` [L, D, N, H], `kv_einsum/w`
+[L, D, 2, K, H], `gating_einsum` [L, D, 2, F]. `to_dot_layout` converts a checkpoint's
+tree once, outside any loop (XLA would otherwise transpose each weight on every step).
 """
 from typing import Any
 
@@ -116,21 +122,25 @@ class Einsum(nn.Module):
 
 
 class Embedder(nn.Module):
-  """Tied token embedding: encode multiplies by sqrt(D), decode is x @ table.T."""
+  """Tied token embedding: encode multiplies by sqrt(D), decode is x @ table.T.
+  The table is [V, D], or [D, V] with `dot_layout`."""
   vocab_size: int
   width: int
   dtype: Any = jnp.float32
+  dot_layout: bool = False
 
   def setup(self):
-    self.input_embedding = self.param("input_embedding", nn.initializers.normal(),
-                                      (self.vocab_size, self.width))
+    shape = (self.width, self.vocab_size) if self.dot_layout else (self.vocab_size, self.width)
+    self.input_embedding = self.param("input_embedding", nn.initializers.normal(), shape)
 
   def encode(self, tokens):  # [B, T] -> [B, T, D]
-    x = self.input_embedding.astype(self.dtype)[(tokens,)]
+    table = self.input_embedding.astype(self.dtype)
+    x = jnp.moveaxis(table[:, tokens], 0, -1) if self.dot_layout else table[(tokens,)]
     return x * jnp.sqrt(float(self.width)).astype(self.dtype)
 
   def decode(self, x):  # [B, T, D] -> [B, T, V]
-    return jnp.dot(x, self.input_embedding.astype(self.dtype).T)
+    table = self.input_embedding.astype(self.dtype)
+    return jnp.dot(x, table if self.dot_layout else table.T, preferred_element_type=jnp.float32)
 
 
 class Attention(nn.Module):
@@ -141,6 +151,7 @@ class Attention(nn.Module):
   query_scale: float
   attn_logits_softcap: Any = None
   dtype: Any = jnp.float32
+  dot_layout: bool = False
 
   @nn.compact
   def __call__(self, x, positions, attn_mask, decode):
@@ -148,8 +159,12 @@ class Attention(nn.Module):
     n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
     if n % k:
       raise ValueError(f"num_heads {n} is not a multiple of num_kv_heads {k}.")
-    q = Einsum((n, width, h), 1, self.dtype, name="q_einsum")("BTD,NDH->BTNH", x)
-    kv = Einsum((2, k, width, h), 2, self.dtype, name="kv_einsum")("BSD,CKDH->CBSKH", x)
+    if self.dot_layout:
+      q = Einsum((width, n, h), 0, self.dtype, name="q_einsum")("BTD,DNH->BTNH", x)
+      kv = Einsum((width, 2, k, h), 0, self.dtype, name="kv_einsum")("BSD,DCKH->CBSKH", x)
+    else:
+      q = Einsum((n, width, h), 1, self.dtype, name="q_einsum")("BTD,NDH->BTNH", x)
+      kv = Einsum((2, k, width, h), 2, self.dtype, name="kv_einsum")("BSD,CKDH->CBSKH", x)
     keys, values = kv[0], kv[1]  # [B, T, K, H]
     q = apply_rope(q, positions) * jnp.asarray(self.query_scale, q.dtype)
     keys = apply_rope(keys, positions)
@@ -186,13 +201,19 @@ class FeedForward(nn.Module):
   """Gated tanh-GELU MLP: linear(gelu(x G0) * (x G1))."""
   mlp_dim: int
   dtype: Any = jnp.float32
+  dot_layout: bool = False
 
   @nn.compact
   def __call__(self, x):
     width = x.shape[-1]
-    w_gating = self.param("gating_einsum", nn.initializers.lecun_normal(batch_axis=(0,)),
-                          (2, width, self.mlp_dim)).astype(self.dtype)
-    h = jnp.einsum("BTD,CDF->CBTF", x, w_gating)  # [2, B, T, F]
+    if self.dot_layout:
+      w_gating = self.param("gating_einsum", nn.initializers.lecun_normal(batch_axis=(1,)),
+                            (width, 2, self.mlp_dim)).astype(self.dtype)
+      h = jnp.einsum("BTD,DCF->CBTF", x, w_gating)  # [2, B, T, F]
+    else:
+      w_gating = self.param("gating_einsum", nn.initializers.lecun_normal(batch_axis=(0,)),
+                            (2, width, self.mlp_dim)).astype(self.dtype)
+      h = jnp.einsum("BTD,CDF->CBTF", x, w_gating)  # [2, B, T, F]
     h = nn.gelu(h[0], approximate=True) * h[1]
     w_linear = self.param("linear", nn.initializers.lecun_normal(),
                           (self.mlp_dim, width)).astype(self.dtype)
@@ -210,17 +231,19 @@ class Block(nn.Module):
   attn_logits_softcap: Any = None
   dropout: float = 0.0
   dtype: Any = jnp.float32
+  dot_layout: bool = False
 
   @nn.compact
   def __call__(self, x, positions, attn_mask, decode, deterministic):
     y = RMSNorm(name="pre_attention_norm")(x)
     y = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.query_scale,
-                  self.attn_logits_softcap, self.dtype, name="attn")(y, positions, attn_mask, decode)
+                  self.attn_logits_softcap, self.dtype, self.dot_layout,
+                  name="attn")(y, positions, attn_mask, decode)
     if self.post_norms:
       y = RMSNorm(name="post_attention_norm")(y)
     x = x + nn.Dropout(rate=self.dropout)(y, deterministic)
     y = RMSNorm(name="pre_ffw_norm")(x)
-    y = FeedForward(self.mlp_dim, self.dtype, name="mlp")(y)
+    y = FeedForward(self.mlp_dim, self.dtype, self.dot_layout, name="mlp")(y)
     if self.post_norms:
       y = RMSNorm(name="post_ffw_norm")(y)
     return x + nn.Dropout(rate=self.dropout)(y, deterministic), None
@@ -243,6 +266,7 @@ class Model(nn.Module):
   dropout: float = 0.0
   remat: Any = False
   dtype: Any = jnp.float32
+  dot_layout: bool = False
 
   def setup(self):
     if self.query_pre_attn_norm == "rsqrt_head_dim":
@@ -251,13 +275,14 @@ class Model(nn.Module):
       query_scale = (self.width // self.num_heads) ** -0.5
     else:
       raise ValueError(f"Unknown query_pre_attn_norm {self.query_pre_attn_norm!r}.")
-    self.embedder = Embedder(self.vocab_size, self.width, self.dtype)
+    self.embedder = Embedder(self.vocab_size, self.width, self.dtype, self.dot_layout)
     blocks = common.scan_blocks(Block, self.depth, self.remat, num_broadcast_args=4,
                                 static_argnums=(4, 5), variable_axes=("params", "cache"))
     self.layers = blocks(
         num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
         mlp_dim=self.mlp_dim, query_scale=query_scale, post_norms=self.post_norms,
-        attn_logits_softcap=self.attn_logits_softcap, dropout=self.dropout, dtype=self.dtype)
+        attn_logits_softcap=self.attn_logits_softcap, dropout=self.dropout, dtype=self.dtype,
+        dot_layout=self.dot_layout)
     self.final_norm = RMSNorm()
 
   def embed_tokens(self, tokens):  # [B, T] int -> [B, T, D]
@@ -280,3 +305,26 @@ class Model(nn.Module):
     return {"layers": {"attn": {"k_cache": jnp.zeros(shape, dtype),
                                 "v_cache": jnp.zeros(shape, dtype),
                                 "cache_index": jnp.zeros((self.depth,), jnp.int32)}}}
+
+
+# Stored layout -> dot layout of each moved weight: (name, axes of the stored array).
+DOT_LAYOUT = (("embedder/input_embedding", (1, 0)),
+              ("layers/attn/q_einsum/w", (0, 2, 1, 3)),
+              ("layers/attn/kv_einsum/w", (0, 3, 1, 2, 4)),
+              ("layers/mlp/gating_einsum", (0, 2, 1, 3)))
+
+
+def to_dot_layout(params, dtype=None):
+  """A Gemma params tree (stored layout) -> the tree of `Model(dot_layout=True)`, with the
+  weights cast to `dtype` (None: unchanged; norms stay float32). Jittable; one copy."""
+  params = dict(params)
+  for name, axes in DOT_LAYOUT:
+    *path, leaf = name.split("/")
+    node = params
+    for part in path:
+      node[part] = node = dict(node[part])
+    node[leaf] = jnp.transpose(node[leaf], axes)
+  if dtype is None:
+    return params
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: x if "norm" in jax.tree_util.keystr(p) else x.astype(dtype), params)
