@@ -48,17 +48,67 @@ def example_batch(model, text_len, batch_size):
           "task_id": np.zeros((batch_size,), np.int32)}
 
 
+def param_dtype(config):
+  """The dtype params (and so Adam's moments) are stored and updated in: float32 unless
+  `config.param_dtype='bfloat16'` (half the state's memory, at bf16's rounding of every
+  update; `config.optax.mu_dtype` sets the first moment's dtype apart)."""
+  return jnp.dtype(config.get("param_dtype") or "float32")
+
+
 def init_params_fn(model, config, lora_cfg):
-  """rng -> float32 params (plus params['lora'] when LoRA is on)."""
+  """rng -> params in `param_dtype(config)` (plus params['lora'] when LoRA is on)."""
+  dtype = param_dtype(config)
+
   def init(rng):
     b = example_batch(model, config.input.text_len, 1)
     rng_model, rng_lora = jax.random.split(rng)
     params = model.init(rng_model, b["image"], b["text"][:, :-1], b["mask_ar"][:, :-1])["params"]
-    params = dict(jax.tree.map(lambda x: x.astype(jnp.float32), params))
+    params = dict(jax.tree.map(lambda x: x.astype(dtype), params))
     if lora_cfg:
       params["lora"] = optim.lora_init(lora_cfg, params, rng_lora)
     return params
   return init
+
+
+class StatePlan(collections.namedtuple(
+    "StatePlan", "init tx mask sched_fns shape sharding")):
+  """The train state from shapes alone: `init(rng)` -> params, the optimizer `tx` and its
+  trainable `mask` and schedules, the state's ShapeDtypeStructs and its shardings."""
+
+  def abstract(self):
+    """The state as ShapeDtypeStructs carrying the shardings (a restore or lower target)."""
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        self.shape, self.sharding)
+
+  def init_state(self, rng):
+    params = self.init(rng)
+    return {"step": jnp.zeros([], jnp.int32), "params": params, "opt": self.tx.init(params)}
+
+
+def state_plan(config, model, mesh, total_steps, lora_cfg=None):
+  """Params, optimizer and their shardings on `mesh`, as `train` builds them; nothing
+  is allocated (`jax.eval_shape`)."""
+  init = init_params_fn(model, config, lora_cfg)
+  params_shape = jax.eval_shape(init, jax.random.key(0))
+  tx, plan, sched_fns = optim.make(config, params_shape, total_steps=total_steps,
+                                   batch_size=config.input.batch_size,
+                                   data_size=config.input.get("data_size"))
+  mask = optim.trainable_mask(plan, params_shape)
+  partial = StatePlan(init, tx, mask, sched_fns, None, None)
+  shape = jax.eval_shape(partial.init_state, jax.random.key(0))
+  state_sharding = sharding.infer_sharding(
+      shape, config.get("sharding_strategy", [(".*", "fsdp(axis='data')")]), mesh)
+  return partial._replace(shape=shape, sharding=state_sharding)
+
+
+def jit_update(config, model, mesh, plan, lora_cfg=None, loc_start=None):
+  """The jitted train step (state donated) and its loss_fn, with the plan's shardings."""
+  loss_fn = make_loss_fn(model, config, plan.mask, lora_cfg, loc_start=loc_start)
+  repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  update = jax.jit(make_update_fn(loss_fn, plan.tx, plan.mask, config, plan.sched_fns),
+                   in_shardings=(plan.sharding, sharding.batch_sharding(mesh), repl),
+                   out_shardings=(plan.sharding, repl), donate_argnums=(0,))
+  return update, loss_fn
 
 
 def make_tokenizer(config):
@@ -105,15 +155,24 @@ def make_loss_fn(model, config, mask, lora_cfg, loc_start=None):
     loc_smoothing = dict(loc_start=loc_start, num_loc=tokenizer_lib.NUM_LOC,
                          sigma_bins=float(config.loc_label_smoothing["sigma_bins"]))
 
+  smoothed = config.get("label_smoothing", 0.0) or loc_smoothing
+
   def loss_fn(params, batch, rng):
     params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, mask)
     params = inference.merge_lora(params, lora_cfg)
     text, mask_ar = batch["text"], batch["mask_ar"]
-    logits, _ = model.apply({"params": params}, batch["image"], text[:, :-1], mask_ar[:, :-1],
-                            train=True, rngs={"dropout": rng})
-    per_ex = losses.per_example_loss(logits, text[:, 1:], batch["mask_loss"][:, 1:],
-                                     config.get("label_smoothing", 0.0), loc_smoothing)
-    return per_ex.mean(), per_ex
+    targets, weights = text[:, 1:], batch["mask_loss"][:, 1:]
+    if smoothed:  # Soft targets: the full text logits.
+      logits, _ = model.apply({"params": params}, batch["image"], text[:, :-1], mask_ar[:, :-1],
+                              train=True, rngs={"dropout": rng})
+      per_ex = losses.per_example_loss(logits, targets, weights,
+                                       config.get("label_smoothing", 0.0), loc_smoothing)
+      return per_ex.mean(), per_ex
+    # The 257k-vocab head only where the loss is (never the prompt), gradient formed in place.
+    hidden = model.apply({"params": params}, batch["image"], text[:, :-1], mask_ar[:, :-1],
+                         train=True, rngs={"dropout": rng}, method="text_hidden")
+    return losses.head_loss(hidden, params["llm"]["embedder"]["input_embedding"], targets,
+                            weights, model.llm.get("final_logits_softcap"))
   return loss_fn
 
 
@@ -173,7 +232,7 @@ def _load_init(config, model_cfg, params):
   loaded = model_common.model_module(config.model_name).load(
       params, config.model_init, model_cfg,
       dont_load=config.get("model_load", {}).get("dont_load", ()))
-  loaded = dict(jax.tree.map(lambda x: np.asarray(x, np.float32), loaded))
+  loaded = dict(jax.tree.map(lambda x: np.asarray(x, param_dtype(config)), loaded))
   if lora is not None:
     loaded["lora"] = lora
   return loaded
@@ -225,21 +284,7 @@ def train(config, workdir):
                                image_size=model_cfg.img.image_size)
 
   # ---- Params, optimizer and their shardings (shapes only: nothing allocated yet).
-  init = init_params_fn(model, config, lora_cfg)
-  params_shape = jax.eval_shape(init, jax.random.key(0))
-  tx, plan, sched_fns = optim.make(config, params_shape, total_steps=total_steps,
-                                   batch_size=config.input.batch_size,
-                                   data_size=config.input.get("data_size"))
-  mask = optim.trainable_mask(plan, params_shape)
-
-  def init_state(rng):
-    params = init(rng)
-    return {"step": jnp.zeros([], jnp.int32), "params": params, "opt": tx.init(params)}
-
-  state_shape = jax.eval_shape(init_state, jax.random.key(0))
-  state_sharding = sharding.infer_sharding(
-      state_shape, config.get("sharding_strategy", [(".*", "fsdp(axis='data')")]), mesh)
-  repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  plan = state_plan(config, model, mesh, total_steps, lora_cfg)
 
   # ---- Resume from the last complete checkpoint, or initialise (and load model_init).
   ckpt = checkpointing.Checkpointer(
@@ -251,26 +296,21 @@ def train(config, workdir):
   if resume_step is not None:
     if resolved:
       _check_resumed_settings(workdir, resolved)
-    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            state_shape, state_sharding)
-    resume_step, state, meta = ckpt.restore_latest(abstract)  # skips corrupt newer steps
+    resume_step, state, meta = ckpt.restore_latest(plan.abstract())  # skips corrupt newer steps
     if meta.get("input_state") is not None:
       train_iter.set_state(meta["input_state"])
     logging.info("Resumed from %s/%d.", ckpt.directory, resume_step)
   else:
-    state = jax.jit(init_state, out_shardings=state_sharding)(rng_init)
+    state = jax.jit(plan.init_state, out_shardings=plan.sharding)(rng_init)
     if config.get("model_init"):
       params = _load_init(config, model_cfg, jax.device_get(state["params"]))
-      state = dict(state, params=jax.device_put(params, state_sharding["params"]))
+      state = dict(state, params=jax.device_put(params, plan.sharding["params"]))
   if resolved and jax.process_index() == 0:
     run_settings.write(workdir, config, resolved)
 
   # ---- The update step.
-  loss_fn = make_loss_fn(model, config, mask, lora_cfg,
-                         loc_start=None if tokenizer is None else tokenizer.loc_id(0))
-  update = jax.jit(make_update_fn(loss_fn, tx, mask, config, sched_fns),
-                   in_shardings=(state_sharding, sharding.batch_sharding(mesh), repl),
-                   out_shardings=(state_sharding, repl), donate_argnums=(0,))
+  update, loss_fn = jit_update(config, model, mesh, plan, lora_cfg,
+                               loc_start=None if tokenizer is None else tokenizer.loc_id(0))
   # A checkpoint is good when its params are finite and give a finite loss on the batch
   # they were trained on last (lr=1e30 gives finite params whose next loss is NaN).
   healthy = jax.jit(lambda p, b: jnp.isfinite(loss_fn(p, b, rng_train)[0]) & jnp.all(
