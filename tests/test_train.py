@@ -103,6 +103,33 @@ def test_gradient_accumulation_equals_full_batch():
   assert optax_norm(full["img"]) == 0.0  # frozen: stop_gradient, no gradient at all
 
 
+def test_loss_on_loss_positions_only_equals_the_full_logits_loss():
+  """make_loss_fn's head on the loss positions (losses.head_loss) gives the loss and the
+  gradients of the old path: per_example_loss on the model's logits at every text position."""
+  config = lib.tiny_config()
+  model = model_common.build_model(config)
+  params = train.init_params_fn(model, config, None)(jax.random.key(0))
+  params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(2), x.shape), params)
+  mask = optim.trainable_mask(optim.plan_params(config, params), params)
+  loss_fn = train.make_loss_fn(model, config, mask, None)
+  batch = next(lib.StandInBatches(4, 0))
+  batch["mask_loss"][:2, 6:] = 0
+
+  def full_logits_loss(p, b, rng):
+    text, mask_ar = b["text"], b["mask_ar"]
+    logits, _ = model.apply({"params": p}, b["image"], text[:, :-1], mask_ar[:, :-1], train=True,
+                            rngs={"dropout": rng})
+    per_ex = losses.per_example_loss(logits, text[:, 1:], b["mask_loss"][:, 1:])
+    return per_ex.mean(), per_ex
+  grad = lambda fn: jax.jit(jax.value_and_grad(fn, has_aux=True))(params, batch, jax.random.key(1))
+  (loss, per_ex), grads = grad(loss_fn)
+  (ref_loss, ref_per_ex), ref_grads = grad(full_logits_loss)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  np.testing.assert_allclose(per_ex, ref_per_ex, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads["llm"],
+               ref_grads["llm"])
+
+
 def optax_norm(tree):
   return float(jnp.sqrt(sum(jnp.sum(x ** 2) for x in jax.tree.leaves(tree))))
 

@@ -23,11 +23,13 @@ all equal). A `decode=True` call writes its T new keys/values at
 with the caller's mask [B, T, S]. The caller keeps cache_index + T <= S: under jit an
 out-of-range write cannot raise, and XLA would clamp it onto the last slots.
 
-Dot layout (`dot_layout=True`, for decoding): the weights whose contracted axis D is
-not leading are stored D-first, as the step's dots read them, and the tied table as
-[D, V]: `input_embedding` [D, V], `q_einsum/w` [L, D, N, H], `kv_einsum/w`
-[L, D, 2, K, H], `gating_einsum` [L, D, 2, F]. `to_dot_layout` converts a checkpoint's
-tree once, outside any loop (XLA would otherwise transpose each weight on every step).
+Dot layout (`dot_layout=True`, for decoding): each layer weight has its contracted
+axes last ([out, in], what XLA:CPU's dot kernels read without a transpose) and the tied
+table is [D, V] (its matrix-vector product streams it in order): `input_embedding`
+[D, V], `q_einsum/w` [L, N, H, D], `kv_einsum/w` [L, 2, K, H, D], `attn_vec_einsum/w`
+[L, D, N, H], `gating_einsum` [L, 2, F, D], `linear` [L, D, F]. `to_dot_layout`
+converts a checkpoint's tree once, outside any loop (XLA would otherwise transpose each
+weight on every decode step). Its initialisers only serve shapes: never train it.
 """
 from typing import Any
 
@@ -160,8 +162,8 @@ class Attention(nn.Module):
     if n % k:
       raise ValueError(f"num_heads {n} is not a multiple of num_kv_heads {k}.")
     if self.dot_layout:
-      q = Einsum((width, n, h), 0, self.dtype, name="q_einsum")("BTD,DNH->BTNH", x)
-      kv = Einsum((width, 2, k, h), 0, self.dtype, name="kv_einsum")("BSD,DCKH->CBSKH", x)
+      q = Einsum((n, h, width), 2, self.dtype, name="q_einsum")("BTD,NHD->BTNH", x)
+      kv = Einsum((2, k, h, width), 3, self.dtype, name="kv_einsum")("BSD,CKHD->CBSKH", x)
     else:
       q = Einsum((n, width, h), 1, self.dtype, name="q_einsum")("BTD,NDH->BTNH", x)
       kv = Einsum((2, k, width, h), 2, self.dtype, name="kv_einsum")("BSD,CKDH->CBSKH", x)
@@ -194,6 +196,9 @@ class Attention(nn.Module):
     logits = jnp.where(attn_mask[:, None, None, :, :], logits, MASKED_LOGIT)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     encoded = jnp.einsum("BKGTS,BSKH->BTKGH", probs, values).reshape(b, t, n, h)
+    if self.dot_layout:
+      return Einsum((width, n, h), (1, 2), self.dtype, name="attn_vec_einsum")(
+          "BTNH,DNH->BTD", encoded)
     return Einsum((n, h, width), (0, 1), self.dtype, name="attn_vec_einsum")("BTNH,NHD->BTD", encoded)
 
 
@@ -207,14 +212,18 @@ class FeedForward(nn.Module):
   def __call__(self, x):
     width = x.shape[-1]
     if self.dot_layout:
-      w_gating = self.param("gating_einsum", nn.initializers.lecun_normal(batch_axis=(1,)),
-                            (width, 2, self.mlp_dim)).astype(self.dtype)
-      h = jnp.einsum("BTD,DCF->CBTF", x, w_gating)  # [2, B, T, F]
+      w_gating = self.param("gating_einsum", nn.initializers.lecun_normal(batch_axis=(0,)),
+                            (2, self.mlp_dim, width)).astype(self.dtype)
+      h = jnp.einsum("BTD,CFD->CBTF", x, w_gating)  # [2, B, T, F]
     else:
       w_gating = self.param("gating_einsum", nn.initializers.lecun_normal(batch_axis=(0,)),
                             (2, width, self.mlp_dim)).astype(self.dtype)
       h = jnp.einsum("BTD,CDF->CBTF", x, w_gating)  # [2, B, T, F]
     h = nn.gelu(h[0], approximate=True) * h[1]
+    if self.dot_layout:
+      w_linear = self.param("linear", nn.initializers.lecun_normal(),
+                            (width, self.mlp_dim)).astype(self.dtype)
+      return jnp.einsum("BTF,DF->BTD", h, w_linear)
     w_linear = self.param("linear", nn.initializers.lecun_normal(),
                           (self.mlp_dim, width)).astype(self.dtype)
     return jnp.einsum("BTF,FD->BTD", h, w_linear)
@@ -309,9 +318,11 @@ class Model(nn.Module):
 
 # Stored layout -> dot layout of each moved weight: (name, axes of the stored array).
 DOT_LAYOUT = (("embedder/input_embedding", (1, 0)),
-              ("layers/attn/q_einsum/w", (0, 2, 1, 3)),
-              ("layers/attn/kv_einsum/w", (0, 3, 1, 2, 4)),
-              ("layers/mlp/gating_einsum", (0, 2, 1, 3)))
+              ("layers/attn/q_einsum/w", (0, 1, 3, 2)),
+              ("layers/attn/kv_einsum/w", (0, 1, 2, 4, 3)),
+              ("layers/attn/attn_vec_einsum/w", (0, 3, 1, 2)),
+              ("layers/mlp/gating_einsum", (0, 1, 3, 2)),
+              ("layers/mlp/linear", (0, 2, 1)))
 
 
 def to_dot_layout(params, dtype=None):

@@ -124,14 +124,19 @@ class Model(nn.Module):
     Lets decoding apply the 257k-vocab head to the last prompt position only."""
     return self._llm.logits(pre_logits)
 
-  def __call__(self, image, text, mask_ar, *, train=False):
-    """-> (logits [B, T, V] float32 for the text positions, out)."""
+  def text_hidden(self, image, text, mask_ar, *, train=False):
+    """-> final-normed hidden states [B, T, D] of the text positions (no vocab head), for
+    losses that apply the head to a few positions only."""
     x, input_mask, full_mask_ar = self.embed_image_and_text(image, text, mask_ar=mask_ar,
                                                             train=train)
     attn_mask = make_attn_mask(input_mask, full_mask_ar)
     positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
     pre_logits = self._llm(x, positions, attn_mask, deterministic=not train)
-    text_pre_logits = pre_logits[:, x.shape[1] - text.shape[1]:]
+    return pre_logits[:, x.shape[1] - text.shape[1]:]
+
+  def __call__(self, image, text, mask_ar, *, train=False):
+    """-> (logits [B, T, V] float32 for the text positions, out)."""
+    text_pre_logits = self.text_hidden(image, text, mask_ar, train=train)
     return self._llm.logits(text_pre_logits), {"pre_logits": text_pre_logits}
 
   def init_cache(self, batch_size, cache_size, dtype=None):

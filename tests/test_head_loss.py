@@ -1,0 +1,34 @@
+"""losses.head_loss (the head on loss positions only) == the full-logits loss, value and grads."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from big_vision_cxr import losses
+from big_vision_cxr.models.gemma import softcap
+
+
+def _reference(hidden, table, targets, weights, cap):
+  logits = softcap(jnp.einsum("BTD,VD->BTV", hidden, table), cap)
+  per_ex = losses.per_example_loss(logits, targets, weights)
+  return per_ex.mean(), per_ex
+
+
+@pytest.mark.parametrize("cap,chunk_rows", [(None, 512), (30.0, 512), (None, 4)])
+def test_head_loss_equals_full_logits_loss(cap, chunk_rows):
+  rng = np.random.default_rng(0)
+  b, t, d, v = 3, 9, 8, 50
+  hidden = jnp.asarray(rng.standard_normal((b, t, d)), jnp.float32)
+  table = jnp.asarray(rng.standard_normal((v, d)), jnp.float32)
+  targets = jnp.asarray(rng.integers(0, v, (b, t)), jnp.int32)
+  weights = np.zeros((b, t), np.int32)
+  weights[0, 3:7], weights[1, 1:9] = 1, 1  # Example 2 has no loss token at all.
+  ours = lambda h, w: losses.head_loss(h, w, targets, weights, cap, chunk_rows)
+  ref = lambda h, w: _reference(h, w, targets, weights, cap)
+  (loss, per_ex), grads = jax.value_and_grad(ours, (0, 1), has_aux=True)(hidden, table)
+  (ref_loss, ref_per_ex), ref_grads = jax.value_and_grad(ref, (0, 1), has_aux=True)(hidden, table)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  np.testing.assert_allclose(per_ex, ref_per_ex, rtol=1e-6)
+  for g, r in zip(grads, ref_grads):
+    np.testing.assert_allclose(g, r, atol=1e-6)
+  assert not np.asarray(grads[0][2]).any()  # No loss position: no gradient.
