@@ -36,8 +36,10 @@ Design (the config shape is in docs/DATA.md):
   carry no text (evaluators prompt with the ground truths' prefixes).
 """
 import collections
+import ctypes
 import logging
 import math
+import signal
 
 import numpy as np
 
@@ -224,6 +226,15 @@ def mixture_weights(sizes, weights):
   return {u: w / total for u, w in raw.items() if w > 0}
 
 
+def _die_with_parent(worker_index, worker_count):
+  """In each grain worker: end with the trainer, even when it is SIGKILLed (Linux)."""
+  del worker_index, worker_count
+  try:
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+  except OSError:
+    logging.warning("grain workers will outlive a killed trainer (no prctl on this system)")
+
+
 def _grain(dataset, config):
   """A grain MapDataset -> an iterator; with config.num_workers > 0 the map runs in that
   many worker processes (each a slice of the batches, output in order)."""
@@ -232,7 +243,11 @@ def _grain(dataset, config):
   ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=int(_get(config, "read_threads")),
                                                  prefetch_buffer_size=int(_get(config, "prefetch"))))
   if workers > 0:
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    from absl import flags  # pylint: disable=import-outside-toplevel
+    if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags (defaults here)
+      flags.FLAGS.mark_as_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers),
+                        worker_init_fn=_die_with_parent)
   return iter(ds)
 
 

@@ -131,3 +131,30 @@ def test_record_qa_is_appended_and_ground_truth_kept():
   gt = exs[0].ground_truth()
   assert gt["image_id"] == "img" and gt["patient_id"] == "pat" and gt["label"] == "normal"
   assert gt["height"] == gt["width"] == 100
+
+
+@pytest.mark.parametrize("seg_from_boxes", [False, True])
+@pytest.mark.parametrize("positives_only", [False, True])
+def test_task_counts_from_the_summary_match_curate(seg_from_boxes, positives_only):
+  recs = phantom.dataset(12, size=48) + [
+      record("tb"), record("normal"), record("sick_non_tb"),
+      record("sick_non_tb", meta=dict(findings=dict(effusion="left"))),
+      record("tb", boxes=[(0.1, 0.1, 0.3, 0.3)], names=["active tb"]),  # boxes, no masks
+      record("tb", boxes=[(0.1, 0.6, 0.3, 0.9)], names=["latent tb"], mask=True,
+             qa=[dict(question="is it old?", answer="Yes", type="closed")])]
+  for rec in recs:
+    exs = curation.curate(rec, class_names=("active tb",), seg_codec=FakeCodec(),
+                          seg_from_boxes=seg_from_boxes)
+    if positives_only:
+      exs = [e for e in exs if e.task not in ("detection", "segmentation") or len(e.objects)]
+    s = curation.summary(rec)
+    assert curation.task_counts(s, prompts.TASKS, seg_from_boxes=seg_from_boxes,
+                                positives_only=positives_only) == \
+        [sum(e.task == t for e in exs) for t in prompts.TASKS], rec.image_id
+    assert curation.classes(s) == sorted(set(rec.objects.label))
+    for t in prompts.TASKS:  # `example` is curate's k-th of the task
+      mine = [e for e in exs if e.task == t]
+      for k, e in enumerate(mine):
+        got = curation.example(rec, t, k, class_names=("active tb",), seg_codec=FakeCodec(),
+                               seg_from_boxes=seg_from_boxes)
+        assert (got.prefix, got.suffix) == (e.prefix, e.suffix)
