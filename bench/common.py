@@ -140,3 +140,18 @@ def report(title, rows, args, columns=None, notes=(), extra=None):
     write_json(args.json, dict(title=title, hardware=info, quick=bool(args.quick), rows=rows,
                                notes=notes, **(extra or {})))
     print(f"Wrote {args.json}")
+
+
+def interleaved(fns, repeats, warmup=1):
+  """Median seconds of each fn, calling them in turn (fn0, fn1, ..., fn0, ...) `repeats`
+  times after `warmup` calls each, so that a busy machine slows every side alike."""
+  for fn in fns:
+    for _ in range(warmup):
+      fn()
+  times = [[] for _ in fns]
+  for _ in range(repeats):
+    for i, fn in enumerate(fns):
+      t = time.perf_counter()
+      fn()
+      times[i].append(time.perf_counter() - t)
+  return [statistics.median(t) for t in times]

@@ -1,31 +1,25 @@
-"""Our JAX PaliGemma vs HF transformers (PyTorch CPU) on the same weights.
+"""Decoding: our JAX PaliGemma vs HF transformers (PyTorch CPU) used well, same weights.
 
-python -m bench.model_bench [--quick] [--json PATH] [--configs tiny,bench_100m]
+python -m bench.model_bench [--quick] [--json PATH] [--configs bench_100m,tiny]
+    [--batches 1,8,32] [--dtypes float32,bfloat16] [--steps N]
 
-For each config and batch size, with the same random weights (converted to HF
-with `hf_interop.save_hf`, loaded by `from_pretrained`), float32 on both sides:
-  prefill_ms   forward over image + prompt, filling the KV cache, logits of the last
-               position only (HF: `logits_to_keep=1`, as its `generate` does)
-  *_bf16head   ours again with the tied head in bfloat16 (`head_dtype`), HF unchanged
-  gen_tok_s    greedy generation of N new tokens (no EOS), tokens/s over the whole
-               call (prefill included): ours `decode.make_generate_fn`, HF `generate`
-  decode_tok_s tokens/s of the decode steps alone: B*(N-1) / (time(N new) - time(1 new)),
-               both sides measured the same way
-  peak_mb      process RSS growth (sampled every 1 ms) during one warmed-up generate
-               call: activations, KV cache, logits (weights excluded). Measured in a
-               child process where glibc mmaps every allocation >= 64 KiB, so RSS
-               follows live buffers for both frameworks; ours_xla_temp_mb is XLA's own
-               count of the temporary buffers of that program
-Ratios are ours / HF (prefill: < 1 is faster; tokens/s: > 1 is faster; memory: < 1 is
-smaller). Ours and HF are timed interleaved (ours, HF, ours, HF, ...) and the best run
-of each is kept (see `interleaved`: contention slows PyTorch far more than XLA).
+For each config, dtype and batch, with the same random weights (converted to HF with
+`hf_interop.save_hf`, loaded by `from_pretrained`, sdpa attention) in the same dtype on
+both sides (bfloat16: ours `weights_dtype=bfloat16`, HF the model in bfloat16):
+  prefill_ms   one generate call with 1 new token (image + prompt, then the head at the
+               last position: HF's `generate` keeps that one logit row too)
+  step_ms      one decode step: (time(N new) - time(1 new)) / (N - 1), same on both sides
+  roofline_ms  what one step must read (the LLM weights, the [V, D] head and the KV cache)
+               divided by the memory bandwidth measured in the same row (`bandwidth`)
+  tok_s        greedy generation of N new tokens (no EOS), whole call; ratio_* = ours / HF
+HF runs `generate` under torch.inference_mode() with the dynamic cache (`hf_dyn`) and the
+static cache (`hf_static`), torch threads = cores, and with 1 thread at batch 1
+(`hf_1t`: on a shared 2-core box one thread can be faster); the best HF is the reference.
+Inputs are built outside the timed region. Every function is warmed up, then all are
+timed interleaved (ours, HF, ..., ours, HF, ...), medians kept. same_tokens: greedy
+tokens equal to HF's at the same dtype; same_as_f32: ours in this dtype vs ours in f32.
 """
-import argparse
-import gc
-import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -39,6 +33,7 @@ from big_vision_cxr import hf_interop
 from big_vision_cxr.models import paligemma as pg
 
 PROMPT_LEN = 16  # BOS + 14 prompt tokens + "\n": the same tokens on both sides, no padding.
+interleaved = common.interleaved
 
 
 def random_params(model, image_size, seed=0):
@@ -48,42 +43,32 @@ def random_params(model, image_size, seed=0):
   return jax.tree.map(lambda s: (0.05 * rng.standard_normal(s.shape)).astype(np.float32), shapes)
 
 
-def load_hf(params, cfg, folder):
+def load_hf(params, cfg, folder, dtype="float32"):
   import torch  # pylint: disable=import-outside-toplevel
   from transformers import PaliGemmaForConditionalGeneration  # pylint: disable=import-outside-toplevel
   # No padding rows: HF's vocabulary is exactly ours, `<image>` is the id just past it.
   hf_interop.save_hf(params, cfg, folder, vocab_pad_multiple=0)
-  model = PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32,
-                                                            attn_implementation="sdpa")
+  model = PaliGemmaForConditionalGeneration.from_pretrained(
+      folder, dtype=getattr(torch, dtype), attn_implementation="sdpa")
   return model.eval()
 
 
 class Ours:
-  def __init__(self, model, params, steps, head_dtype=None):
-    self.model, self.params = model, jax.device_put(params)
-    self.generate = decode.make_generate_fn(model, max_decode_len=steps, eos_id=-1,
-                                            head_dtype=head_dtype)
-    self.generate_one = decode.make_generate_fn(model, max_decode_len=1, eos_id=-1,
-                                                head_dtype=head_dtype)
-    self.prefill = jax.jit(lambda p, im, t, m: decode.prefill(model, p, im, t, m, steps,
-                                                              jnp.float32)[:2])
+  def __init__(self, model, params, steps, weights_dtype=None):
+    self.params = decode.prepare(jax.device_put(params), weights_dtype)  # Once, as Predictor does.
+    self.fns = {n: decode.make_generate_fn(model, max_decode_len=n, eos_id=-1,
+                                           weights_dtype=weights_dtype) for n in (1, steps)}
+    self.steps = steps
 
-  def run_prefill(self, images, text):
-    jax.block_until_ready(self.prefill(self.params, images, text, text != 0))
-
-  def run_generate(self, images, text, one=False):
-    fn = self.generate_one if one else self.generate
+  def generate(self, images, text, new):
+    fn = self.fns[new]
     return np.asarray(jax.block_until_ready(fn(self.params, images, text, text != 0, None))[0])
-
-  def xla_temp_mb(self, images, text):
-    compiled = self.generate.lower(self.params, images, text, text != 0, None).compile()
-    return compiled.memory_analysis().temp_size_in_bytes / 2**20
 
 
 class HF:
-  def __init__(self, model, steps):
+  def __init__(self, model, cache, threads):
     import torch  # pylint: disable=import-outside-toplevel
-    self.torch, self.model, self.steps = torch, model, steps
+    self.torch, self.model, self.cache, self.threads = torch, model, cache, threads
 
   def inputs(self, images, text):
     torch = self.torch
@@ -92,51 +77,48 @@ class HF:
     return dict(input_ids=torch.tensor(ids, dtype=torch.long),
                 attention_mask=torch.ones(ids.shape, dtype=torch.long),
                 token_type_ids=torch.zeros(ids.shape, dtype=torch.long),
-                pixel_values=torch.tensor(np.transpose(images, (0, 3, 1, 2))))
+                pixel_values=torch.tensor(np.transpose(images, (0, 3, 1, 2))).to(self.model.dtype))
 
-  def run_prefill(self, images, text):
-    with self.torch.inference_mode():
-      self.model(**self.inputs(images, text), use_cache=True, logits_to_keep=1)
-
-  def run_generate(self, images, text, one=False):
-    inputs = self.inputs(images, text)
-    with self.torch.inference_mode():
-      out = self.model.generate(**inputs, max_new_tokens=1 if one else self.steps,
-                                do_sample=False, eos_token_id=-1, pad_token_id=0)
+  def generate(self, inputs, new):
+    torch = self.torch
+    torch.set_num_threads(self.threads)
+    with torch.inference_mode():
+      out = self.model.generate(**inputs, max_new_tokens=new, do_sample=False, eos_token_id=-1,
+                                pad_token_id=0, cache_implementation=self.cache)
     return out[:, inputs["input_ids"].shape[1]:].numpy()
 
 
-def interleaved(fns, repeats):
-  """Best (minimum) seconds of each fn, calling them in turn `repeats` times after one
-  warm-up each. The minimum, not the median: on the shared CPU, PyTorch's OpenMP threads
-  slow down up to 10x whenever another process holds a core (XLA's pool far less), so
-  medians would flatter us; the best run approximates a quiet machine for both."""
-  for fn in fns:
-    fn()
-  times = [[] for _ in fns]
-  for _ in range(repeats):
-    for i, fn in enumerate(fns):
-      t = time.perf_counter()
-      fn()
-      times[i].append(time.perf_counter() - t)
-  return [float(np.min(t)) for t in times]
+class Bandwidth:
+  """Memory bandwidth, best of the calls: a 512 MiB torch copy (bytes read + written) and a
+  jitted float32 matrix-vector product over a 512 MiB matrix (bytes read)."""
+
+  def __init__(self):
+    import torch  # pylint: disable=import-outside-toplevel
+    n = 2 ** 27
+    self.src, self.dst = torch.ones(n), torch.empty(n)
+    self.mat = jnp.ones((2 ** 10, n // 2 ** 10), jnp.float32)
+    self.gemv = jax.jit(lambda m: jnp.ones((1, m.shape[0]), m.dtype) @ m)
+    jax.block_until_ready(self.gemv(self.mat))
+    self.best = 0.0
+
+  def __call__(self):
+    t = time.perf_counter()
+    self.dst.copy_(self.src)
+    copy = 2 * 4 * self.src.numel() / (time.perf_counter() - t)
+    t = time.perf_counter()
+    jax.block_until_ready(self.gemv(self.mat))
+    read = self.mat.nbytes / (time.perf_counter() - t)
+    self.best = max(self.best, copy, read)
 
 
-def peak_mb(fn):
-  gc.collect()
-  with common.PeakRSS(interval_s=0.001) as mem:
-    fn()
-  return mem.peak_bytes / 2**20
-
-
-def setup(name, steps):
-  cfg = pg.get_config(name)
-  model = pg.Model(**cfg)
-  params = random_params(model, cfg.img.image_size)
-  n_params = sum(x.size for x in jax.tree.leaves(params))
-  with tempfile.TemporaryDirectory(prefix="model_bench_") as folder:
-    hf = HF(load_hf(params, cfg, folder), steps)
-  return Ours(model, params, steps), hf, n_params, cfg.img.image_size
+def step_bytes(cfg, batch, cache_len, dtype):
+  """Bytes one decode step must read: LLM weights (head included) and the KV cache."""
+  llm = cfg.llm
+  d, f, n, k, h = llm.width, llm.mlp_dim, llm.num_heads, llm.num_kv_heads, llm.head_dim
+  layer = d * (n * h + 2 * k * h + n * h) + 3 * d * f
+  size = jnp.dtype(dtype).itemsize
+  cache = 2 * llm.depth * batch * cache_len * k * h * size
+  return (llm.depth * layer + llm.vocab_size * d) * size + cache
 
 
 def inputs(batch, image_size):
@@ -152,106 +134,85 @@ def decode_rate(tokens, seconds):
   return tokens / seconds if seconds > 1e-3 else None
 
 
-def time_config(name, batches, steps, repeats):
-  ours, hf, n_params, image_size = setup(name, steps)
-  bf16 = Ours(ours.model, ours.params, steps, head_dtype=jnp.bfloat16)
-  rows = []
-  for batch in batches:
-    images, text = inputs(batch, image_size)
-    ours_tokens, hf_tokens = ours.run_generate(images, text), hf.run_generate(images, text)
-    bf16_tokens = bf16.run_generate(images, text)
-    pre_ours, pre_hf = interleaved([lambda: ours.run_prefill(images, text),
-                                    lambda: hf.run_prefill(images, text)], repeats)
-    gen_ours, gen_hf, gen_bf16, one_ours, one_hf, one_bf16 = interleaved(
-        [lambda: ours.run_generate(images, text), lambda: hf.run_generate(images, text),
-         lambda: bf16.run_generate(images, text),
-         lambda: ours.run_generate(images, text, one=True),
-         lambda: hf.run_generate(images, text, one=True),
-         lambda: bf16.run_generate(images, text, one=True)], repeats)
-    new = batch * steps
-    rows.append(dict(
-        config=name, params_m=round(n_params / 1e6, 1), batch=batch, new_tokens=steps,
-        prefill_ms_ours=1e3 * pre_ours, prefill_ms_hf=1e3 * pre_hf,
-        prefill_ratio=common.ratio(pre_ours, pre_hf),
-        gen_tok_s_ours=new / gen_ours, gen_tok_s_hf=new / gen_hf,
-        gen_ratio=common.ratio(gen_hf, gen_ours),
-        decode_tok_s_ours=decode_rate(batch * (steps - 1), gen_ours - one_ours),
-        decode_tok_s_hf=decode_rate(batch * (steps - 1), gen_hf - one_hf),
-        gen_tok_s_bf16head=new / gen_bf16, gen_ratio_bf16head=common.ratio(gen_hf, gen_bf16),
-        decode_tok_s_bf16head=decode_rate(batch * (steps - 1), gen_bf16 - one_bf16),
-        ours_xla_temp_mb=ours.xla_temp_mb(images, text),
-        same_tokens=float(np.mean(ours_tokens == hf_tokens)),
-        same_tokens_bf16head=float(np.mean(bf16_tokens == hf_tokens))))
+def bench_config(name, batches, dtypes, steps, repeats):
+  cfg = pg.get_config(name)
+  model = pg.Model(**cfg)
+  params = random_params(model, cfg.img.image_size)
+  cores = os.cpu_count()
+  rows, f32_tokens = [], {}
+  bandwidth = Bandwidth()
+  for dtype in dtypes:
+    with tempfile.TemporaryDirectory(prefix="model_bench_") as folder:
+      hf_model = load_hf(params, cfg, folder, dtype)
+    ours = Ours(model, params, steps, None if dtype == "float32" else jnp.dtype(dtype))
+    for batch in batches:
+      images, text = inputs(batch, cfg.img.image_size)
+      hfs = {"hf_dyn": HF(hf_model, "dynamic", cores), "hf_static": HF(hf_model, "static", cores)}
+      if batch == 1 and cores > 1:
+        hfs["hf_1t"] = HF(hf_model, "dynamic", 1)
+      hf_in = hfs["hf_dyn"].inputs(images, text)
+      fns = [lambda n=n: ours.generate(images, text, n) for n in (1, steps)]
+      for hf in hfs.values():
+        fns += [lambda n=n, hf=hf: hf.generate(hf_in, n) for n in (1, steps)]
+      ours_tokens = ours.generate(images, text, steps)
+      hf_tokens = hfs["hf_dyn"].generate(hf_in, steps)
+      f32_tokens.setdefault(batch, ours_tokens)
+      times = interleaved(fns + [bandwidth], repeats)[:-1]
+      one, gen = dict(zip(["ours", *hfs], times[0::2])), dict(zip(["ours", *hfs], times[1::2]))
+      step = {k: max(gen[k] - one[k], 0.0) / (steps - 1) for k in gen}
+      best_hf = min(hfs, key=lambda k: gen[k])
+      cache_len = (cfg.img.image_size // cfg.img.patch_size) ** 2 + PROMPT_LEN + steps
+      roofline = step_bytes(cfg, batch, cache_len, dtype) / bandwidth.best
+      new = batch * steps
+      row = dict(config=name, dtype=dtype, batch=batch, prefill_ms_ours=1e3 * one["ours"],
+                 prefill_ms_hf=1e3 * one[best_hf], step_ms_ours=1e3 * step["ours"],
+                 roofline_ms=1e3 * roofline, step_vs_roofline=step["ours"] / roofline,
+                 bandwidth_gb_s=bandwidth.best / 1e9)
+      row.update({f"step_ms_{k}": 1e3 * step[k] for k in hfs})
+      row.update(tok_s_ours=new / gen["ours"], tok_s_best_hf=new / gen[best_hf], best_hf=best_hf,
+                 ratio_tok_s=gen[best_hf] / gen["ours"],
+                 ratio_step=(step[min(hfs, key=lambda k: step[k])] / step["ours"]
+                             if step["ours"] > 0 else None),
+                 same_tokens=float(np.mean(ours_tokens == hf_tokens)),
+                 same_as_f32=float(np.mean(ours_tokens == f32_tokens[batch])))
+      rows.append(row)
+      print(common.format_table([row]), flush=True)
+    del hf_model
   return rows
-
-
-def memory_config(name, batches, steps):
-  """Peak RSS growth of one warmed-up generate call, ours then HF (child process only)."""
-  ours, hf, _, image_size = setup(name, steps)
-  out = []
-  for batch in batches:
-    images, text = inputs(batch, image_size)
-    ours.run_generate(images, text)
-    hf.run_generate(images, text)
-    out.append(dict(peak_mb_ours=peak_mb(lambda: ours.run_generate(images, text)),
-                    peak_mb_hf=peak_mb(lambda: hf.run_generate(images, text))))
-  return out
-
-
-def measure_memory(configs, batches, steps):
-  """Runs `memory_config` in a child where glibc mmaps (and unmaps) every allocation
-  >= 64 KiB, so RSS follows live buffers rather than what the allocator keeps cached."""
-  env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-  cmd = [sys.executable, "-m", "bench.model_bench", "--memory_probe", "--configs",
-         ",".join(configs), "--steps", str(steps)]
-  proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-  if proc.returncode:
-    raise RuntimeError(f"memory probe failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}")
-  return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None):
   parser = common.arg_parser(__doc__.split("\n\n", maxsplit=1)[0])
   parser.add_argument("--configs", default=None, help="comma-separated paligemma variants")
+  parser.add_argument("--batches", default=None, help="comma-separated batch sizes")
+  parser.add_argument("--dtypes", default="float32,bfloat16")
   parser.add_argument("--steps", type=int, default=None, help="new tokens per generate call")
   parser.add_argument("--repeats", type=int, default=None)
-  parser.add_argument("--memory_probe", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
   transformers.logging.set_verbosity_error()
   transformers.utils.logging.disable_progress_bar()
-  torch.set_num_threads(os.cpu_count())
-  configs = (args.configs or ("tiny" if args.quick else "tiny,bench_100m")).split(",")
-  steps = args.steps or (8 if args.quick else 32)
-  repeats = args.repeats or (1 if args.quick else 5)
-  batches = (1, 8)
-  if args.memory_probe:
-    print(json.dumps([m for name in configs for m in memory_config(name, batches, steps)]))
-    return
-  rows = [row for name in configs for row in time_config(name, batches, steps, repeats)]
-  for row, mem in zip(rows, measure_memory(configs, batches, steps)):
-    row.update(mem, mem_ratio=common.ratio(mem["peak_mb_ours"], mem["peak_mb_hf"]))
-  columns = ["config", "params_m", "batch", "prefill_ms_ours", "prefill_ms_hf", "prefill_ratio",
-             "gen_tok_s_ours", "gen_tok_s_hf", "gen_ratio", "decode_tok_s_ours", "decode_tok_s_hf",
-             "gen_tok_s_bf16head", "gen_ratio_bf16head", "decode_tok_s_bf16head",
-             "peak_mb_ours", "peak_mb_hf", "mem_ratio", "ours_xla_temp_mb", "same_tokens",
-             "same_tokens_bf16head"]
+  configs = (args.configs or ("tiny" if args.quick else "bench_100m,tiny")).split(",")
+  steps = args.steps or (8 if args.quick else 17)
+  repeats = args.repeats or (2 if args.quick else 3)
+  rows = []
+  for name in configs:
+    batches = args.batches or ("1,8" if args.quick or name == "tiny" else "1,8,32")
+    rows += bench_config(name, [int(b) for b in batches.split(",")], args.dtypes.split(","),
+                         steps, repeats)
   notes = [
-      f"float32 both sides; HF transformers {transformers.__version__} (torch "
-      f"{torch.__version__}, {torch.get_num_threads()} threads, sdpa attention) vs jax "
-      f"{jax.__version__}; prompt = {PROMPT_LEN} text tokens after the image tokens; "
-      f"{steps} new tokens; best of {repeats} interleaved runs.",
-      "prefill_ratio = ours/HF time (<1: we are faster); gen_ratio = ours/HF tokens/s "
-      "(>1: we are faster); mem_ratio = ours/HF peak RSS growth during one generate call.",
-      "same_tokens: fraction of greedy tokens identical to HF's (same weights).",
-      "decode_tok_s is empty where time(N new) - time(1 new) is below timer noise.",
-      "*_bf16head: ours with decode.make_generate_fn(head_dtype=bfloat16): the tied 257k-vocab "
-      "head on a bf16 copy of the table, f32 accumulation (everything else f32); "
-      "same_tokens_bf16head shows what that rounding changes in the greedy tokens.",
+      f"HF transformers {transformers.__version__} (torch {torch.__version__}, {os.cpu_count()} "
+      f"threads unless hf_1t, sdpa) vs jax {jax.__version__}; prompt = {PROMPT_LEN} text tokens "
+      f"after the image tokens; {steps} new tokens; medians of {repeats} interleaved runs.",
+      "ratio_tok_s = our tokens/s / the best HF's (> 1: we are faster); ratio_step = the best "
+      "HF decode step time / ours; step_vs_roofline = our step / roofline_ms (1 = at the "
+      "memory-bandwidth floor).",
+      "same_tokens: fraction of greedy tokens identical to HF's (dynamic cache) at the same dtype; "
+      "same_as_f32: ours at this dtype vs ours in float32.",
   ]
-  common.report("Model bench: ours (JAX) vs HF transformers (PyTorch), same weights", rows, args,
-                columns=columns, notes=notes)
+  common.report("Model bench: decoding, ours (JAX) vs HF transformers (PyTorch), same weights",
+                rows, args, notes=notes)
 
 
 if __name__ == "__main__":

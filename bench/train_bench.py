@@ -1,19 +1,26 @@
-"""Training-step throughput and MFU: our jitted update vs HF transformers (PyTorch CPU).
+"""Training-step time and MFU: our jitted update vs HF transformers (PyTorch CPU), HF used well.
 
-python -m bench.train_bench [--quick] [--json PATH] [--configs tiny,bench_100m]
+python -m bench.train_bench [--quick] [--json PATH] [--configs bench_100m] [--profile]
 
 One step = forward + backward + optimizer update on the same model (our params converted
 to HF with `hf_interop.save_hf`), the same batch and the same frozen set (the paper's
 recipe: SigLIP and the projection frozen, the LLM trained), float32 on both sides:
-  ours  train.make_update_fn: the suffix token cross-entropy, global-norm clip 1.0, Adam +
-        decoupled weight decay (big_vision chain, equal to AdamW), jitted, state donated.
-  HF    PaliGemmaForConditionalGeneration forward, the same loss on its logits,
-        backward, clip_grad_norm_(1.0), torch.optim.AdamW; vision tower and projector
-        with requires_grad=False.
-Columns: examples/s and text tokens/s; step_ratio = HF step time / ours (> 1: we are
-faster); MFU = XLA's FLOP count of our step / time / peak, where peak is the FLOP/s of
-a large float32 matmul measured in the same run (jax.jit, 2048^3); HF's MFU uses the
-same FLOP count. Steps are timed interleaved (ours, HF, ours, ...), median kept.
+  ours  train.make_update_fn: the suffix token cross-entropy (the vocab head on the loss
+        positions only), global-norm clip 1.0, Adam + decoupled weight decay (big_vision
+        chain, equal to AdamW), jitted, state donated.
+  HF    PaliGemmaForConditionalGeneration (sdpa attention, torch threads = cores) with
+        `logits_to_keep` = the loss positions (its head never sees the image tokens or the
+        prompt), the same loss, backward, clip_grad_norm_(1.0), torch.optim.AdamW
+        (foreach); vision tower and projector with requires_grad=False.
+Rows: batch 1-8 at 64 text tokens (16 prompt + 48 answer), then text length 32-256 at
+batch 2 (16-token prompt). Each row starts both sides from the same weights; the first
+step's losses must agree. step_ratio = HF step time / ours (> 1: we are faster), medians
+of interleaved repeats (ours, HF, matmul peak, ours, HF, ...) after a warm-up each.
+gflop_step: our step's FLOPs from XLA's cost analysis with the layer scans fully unrolled
+at depths (img, llm) = (1, 1), (2, 1), (1, 2) and extrapolated to the real depths (XLA
+counts a loop body once). MFU = gflop_step / step time / peak, the peak being the best
+FLOP/s of a 2048^3 float32 jitted matmul timed between the steps of the same row.
+--profile adds a table of where our step's time goes (its jitted parts timed alone).
 """
 import os
 import tempfile
@@ -25,63 +32,95 @@ import numpy as np
 
 from bench import common
 from bench import model_bench
+from bench import scale_plan
+from big_vision_cxr import losses
 from big_vision_cxr import optim
 from big_vision_cxr import train
 from big_vision_cxr.models import common as model_common
 from big_vision_cxr.models import paligemma as pg
 
-PREFIX_LEN, SUFFIX_LEN = 16, 48  # text tokens after the image tokens: prompt block + causal answer
+PREFIX_LEN = 16  # BOS + prompt + "\n"; the rest of the text is the answer (the loss positions).
 LR, TORCH_WD = 1e-4, 0.01
 
 
-def matmul_peak_flops(n=2048, repeats=5):
-  """FLOP/s of an n x n x n float32 matmul (jitted), the machine's measured peak."""
-  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  seconds = common.time_fn(lambda: jax.block_until_ready(f(a)), repeats=repeats)
-  return 2 * n ** 3 / seconds
+class Peak:
+  """FLOP/s of an n^3 float32 matmul, timed whenever called (the best run is the peak)."""
+
+  def __init__(self, n=2048):
+    self.n, self.best = n, 0.0
+    self.a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+    self.f = jax.jit(lambda x: x @ x)
+    jax.block_until_ready(self.f(self.a))
+
+  def __call__(self):
+    seconds = common.time_fn(lambda: jax.block_until_ready(self.f(self.a)), repeats=1, warmup=0)
+    self.best = max(self.best, 2 * self.n ** 3 / seconds)
 
 
-def make_batch(batch, image_size, seed=0):
+def make_batch(batch, image_size, text_len, seed=0):
   rng = np.random.default_rng(seed)
-  length = PREFIX_LEN + SUFFIX_LEN
-  text = rng.integers(3, 1000, (batch, length)).astype(np.int32)
+  text = rng.integers(3, 1000, (batch, text_len)).astype(np.int32)
   text[:, 0], text[:, PREFIX_LEN - 1] = 2, 108
-  mask_ar = np.zeros((batch, length), np.int32)
+  mask_ar = np.zeros((batch, text_len), np.int32)
   mask_ar[:, PREFIX_LEN:] = 1
   return {"image": rng.uniform(-1, 1, (batch, image_size, image_size, 3)).astype(np.float32),
           "text": text, "mask_ar": mask_ar, "mask_loss": mask_ar.copy(),
           "task_id": np.zeros((batch,), np.int32)}
 
 
-def recipe_config(variant, batch):
-  return ml_collections.ConfigDict(dict(
+def recipe_config(variant, batch, depths=None):
+  config = ml_collections.ConfigDict(dict(
       model_name="paligemma", model=dict(variant=variant), input=dict(batch_size=batch),
       lr=LR, wd=LR * TORCH_WD, wd_mults=[("llm/.*", 1.0)], grad_clip_norm=1.0,
       optax_name="scale_by_adam", optax=dict(b2=0.999),
       schedule=[("img/.*", None), ("llm/.*", dict(decay_type="constant"))]))
+  if depths:
+    config.model.img, config.model.llm = dict(depth=depths[0]), dict(depth=depths[1])
+  return config
+
+
+def make_update(config, params):
+  """(jitted update, tx) of the trainer for `config` (params may be ShapeDtypeStructs)."""
+  model = model_common.build_model(config)
+  tx, plan, sched_fns = optim.make(config, params, total_steps=1000)
+  mask = optim.trainable_mask(plan, params)
+  loss_fn = train.make_loss_fn(model, config, mask, None)
+  return jax.jit(train.make_update_fn(loss_fn, tx, mask, config, sched_fns),
+                 donate_argnums=(0,)), tx, model, loss_fn
+
+
+def step_flops(variant, data):
+  """Our step's FLOPs with each scanned stack counted at its depth (see the docstring)."""
+  cfg = pg.get_config(variant)
+  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), data)
+
+  def at(d_img, d_llm):
+    config = recipe_config(variant, len(data["text"]), (d_img, d_llm))
+    with scale_plan.unrolled_scans():
+      shapes = pg.param_shapes(model_common.model_config(config))
+      update, tx, _, _ = make_update(config, shapes)
+      state = jax.eval_shape(lambda p: {"step": jnp.zeros([], jnp.int32), "params": p,
+                                        "opt": tx.init(p)}, shapes)
+      cost = update.lower(state, batch, rng).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"])
+
+  f11, f21, f12 = at(1, 1), at(2, 1), at(1, 2)
+  return f11 + (cfg.img.depth - 1) * (f21 - f11) + (cfg.llm.depth - 1) * (f12 - f11)
 
 
 class Ours:
-  """Our jitted training step on params `params` (not modified: copied into the state)."""
+  """Our jitted training step; `reset` starts again from `params`."""
 
-  def __init__(self, variant, params, batch):
-    config = recipe_config(variant, batch)
-    model = model_common.build_model(config)
-    tx, plan, sched_fns = optim.make(config, params, total_steps=1000)
-    mask = optim.trainable_mask(plan, params)
-    loss_fn = train.make_loss_fn(model, config, mask, None)
-    self.update = jax.jit(train.make_update_fn(loss_fn, tx, mask, config, sched_fns),
-                          donate_argnums=(0,))
-    params = jax.tree.map(jnp.array, params)
-    self.state = {"step": jnp.zeros([], jnp.int32), "params": params, "opt": tx.init(params)}
+  def __init__(self, variant, params):
+    self.params = params
+    self.update, self.tx, self.model, self.loss_fn = make_update(recipe_config(variant, 1), params)
     self.rng = jax.random.key(0)
 
-  def flops(self, batch):
-    compiled = self.update.lower(self.state, batch, self.rng).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("flops", float("nan")))
+  def reset(self):
+    params = jax.tree.map(jnp.array, self.params)
+    self.state = {"step": jnp.zeros([], jnp.int32), "params": params, "opt": self.tx.init(params)}
 
   def step(self, batch):
     self.state, metrics = self.update(self.state, batch, self.rng)
@@ -96,10 +135,13 @@ class HF:
     self.torch, self.model = torch, model.train()
     for name, p in model.named_parameters():
       p.requires_grad = "language_model" in name or "lm_head" in name
-    trained = [p for p in model.parameters() if p.requires_grad]
-    self.opt = torch.optim.AdamW(trained, lr=LR, betas=(0.9, 0.999), eps=1e-8,
-                                 weight_decay=TORCH_WD)
-    self.trained = trained
+    self.trained = [p for p in model.parameters() if p.requires_grad]
+    self.initial = {k: v.clone() for k, v in model.state_dict().items()}
+
+  def reset(self):
+    self.model.load_state_dict(self.initial)
+    self.opt = self.torch.optim.AdamW(self.trained, lr=LR, betas=(0.9, 0.999), eps=1e-8,
+                                      weight_decay=TORCH_WD, foreach=True)
 
   def inputs(self, batch):
     torch = self.torch
@@ -113,14 +155,18 @@ class HF:
                 token_type_ids=torch.tensor(token_type[:, :-1], dtype=torch.long),
                 pixel_values=torch.tensor(np.transpose(batch["image"], (0, 3, 1, 2))))
 
-  def step(self, batch):
+  def prepare(self, batch):
+    """Tensors built outside the timed step; the loss positions are the last n_loss."""
+    n_loss = batch["text"].shape[1] - PREFIX_LEN
     torch = self.torch
-    inputs = self.inputs(batch)
-    n_text = batch["text"].shape[1] - 1
-    targets = torch.tensor(batch["text"][:, 1:], dtype=torch.long)
-    weights = torch.tensor(batch["mask_loss"][:, 1:], dtype=torch.float32)
+    return (self.inputs(batch), n_loss, torch.tensor(batch["text"][:, -n_loss:], dtype=torch.long),
+            torch.tensor(batch["mask_loss"][:, -n_loss:], dtype=torch.float32))
+
+  def step(self, prepared):
+    torch = self.torch
+    inputs, n_loss, targets, weights = prepared
     self.opt.zero_grad(set_to_none=True)
-    logits = self.model(**inputs).logits[:, -n_text:].float()  # [B, T, V]
+    logits = self.model(**inputs, logits_to_keep=n_loss).logits.float()  # [B, n_loss, V]
     logp = torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None])[..., 0]
     per_ex = -(logp * weights).sum(-1) / weights.sum(-1).clamp(min=1.0)
     loss = per_ex.mean()
@@ -130,61 +176,135 @@ class HF:
     return float(loss.detach())
 
 
-def bench_config(name, batch, repeats, peak):
-  cfg = pg.get_config(name)
-  model = pg.Model(**cfg)
-  image_size = cfg.img.image_size
-  params = model_bench.random_params(model, image_size)
-  n_params = sum(x.size for x in jax.tree.leaves(params))
-  n_trained = sum(x.size for x in jax.tree.leaves(params["llm"]))
-  with tempfile.TemporaryDirectory(prefix="train_bench_") as folder:
-    hf = HF(model_bench.load_hf(params, cfg, folder))
-  ours = Ours(name, params, batch)
-  data = make_batch(batch, image_size)
-  flops = ours.flops(data)
-  loss_ours, loss_hf = ours.step(data), hf.step(data)  # first step: same weights, same loss
-  t_ours, t_hf = model_bench.interleaved([lambda: ours.step(data), lambda: hf.step(data)],
-                                         repeats)
-  tokens = batch * (PREFIX_LEN + SUFFIX_LEN)
+def bench_row(name, ours, hf, image_size, batch, text_len, repeats, peak_n):
+  data = make_batch(batch, image_size, text_len)
+  prepared = hf.prepare(data)
+  ours.reset()
+  hf.reset()
+  loss_ours, loss_hf = ours.step(data), hf.step(prepared)  # Same weights: the same loss.
+  peak = Peak(peak_n)
+  t_ours, t_hf, _ = common.interleaved([lambda: ours.step(data), lambda: hf.step(prepared), peak],
+                                       repeats)
+  flops = step_flops(name, data)
+  n_loss = batch * (text_len - PREFIX_LEN)
   return dict(
-      config=name, params_m=round(n_params / 1e6, 1), trained_m=round(n_trained / 1e6, 1),
-      batch=batch, step_s_ours=t_ours, step_s_hf=t_hf,
-      ex_s_ours=batch / t_ours, ex_s_hf=batch / t_hf,
-      tok_s_ours=tokens / t_ours, tok_s_hf=tokens / t_hf,
-      step_ratio=common.ratio(t_hf, t_ours),
-      gflop_step=flops / 1e9, mfu_ours=flops / t_ours / peak, mfu_hf=flops / t_hf / peak,
-      first_loss_ours=loss_ours, first_loss_hf=loss_hf)
+      config=name, batch=batch, text_len=text_len, step_s_ours=t_ours, step_s_hf=t_hf,
+      step_ratio=common.ratio(t_hf, t_ours), loss_tok_s_ours=n_loss / t_ours,
+      loss_tok_s_hf=n_loss / t_hf, gflop_step=flops / 1e9, peak_gflop_s=peak.best / 1e9,
+      mfu_ours=flops / t_ours / peak.best, mfu_hf=flops / t_hf / peak.best,
+      first_loss_ours=loss_ours, first_loss_hf=loss_hf, loss_diff=abs(loss_ours - loss_hf))
+
+
+def profile(ours, image_size, batch, text_len, repeats):
+  """Where our step's time goes: its parts jitted and timed alone (medians, seconds)."""
+  data = make_batch(batch, image_size, text_len)
+  model, loss_fn, params, rng = ours.model, ours.loss_fn, ours.params, ours.rng
+  text, mask_ar = data["text"][:, :-1], data["mask_ar"][:, :-1]
+  x, _, _ = model.apply({"params": params}, data["image"], text, mask_ar=mask_ar,
+                        method="embed_image_and_text")
+  hidden = model.apply({"params": params}, data["image"], text, mask_ar, method="text_hidden")
+  table = params["llm"]["embedder"]["input_embedding"]
+  targets, weights = data["text"][:, 1:], data["mask_loss"][:, 1:]
+  grads = jax.tree.map(jnp.ones_like, params)
+  opt = ours.tx.init(params)
+
+  def llm(p):  # The LLM stack on fixed inputs (image embedded), to its final norm.
+    emb = model.apply({"params": p}, data["image"], text, mask_ar=mask_ar, method="embed_image_and_text")
+    return jnp.sum(model.apply({"params": p}, *emb[:1], jnp.broadcast_to(
+        jnp.arange(x.shape[1]), x.shape[:2]), pg.make_attn_mask(emb[1], emb[2]),
+        method="llm_forward")[1]["pre_logits"])
+  parts = {
+      "ViT forward (frozen)": jax.jit(lambda p: model.apply(
+          {"params": p}, data["image"], method="embed_image")[0]),
+      "LLM forward": jax.jit(llm),
+      "LLM forward + backward": jax.jit(jax.grad(lambda p: llm(dict(
+          p, img=jax.lax.stop_gradient(p["img"]))))),
+      "head + cross-entropy, forward + backward (head_loss)": jax.jit(jax.grad(
+          lambda h, w: losses.head_loss(h, w, targets, weights)[0], (0, 1))),
+      "optimizer update (clip + AdamW)": jax.jit(lambda g, o, p: ours.tx.update(g, o, p)),
+      "whole step": lambda *_: ours.step(data),
+  }
+  args = {"ViT forward (frozen)": (params,), "LLM forward": (params,),
+          "LLM forward + backward": (params,),
+          "head + cross-entropy, forward + backward (head_loss)": (hidden, table),
+          "optimizer update (clip + AdamW)": (grads, opt, params), "whole step": ()}
+  ours.reset()
+  rows = []
+  for name, fn in parts.items():
+    seconds = common.time_fn(lambda fn=fn, name=name: jax.block_until_ready(fn(*args[name])),
+                             repeats=repeats)
+    rows.append(dict(part=name, seconds=seconds))
+  del rng
+  return rows
+
+
+def kernel_time(fn, repeats):
+  """(CPU seconds in the kernel, minor page faults) per call of fn, from getrusage."""
+  import resource  # pylint: disable=import-outside-toplevel
+  fn()
+  before = resource.getrusage(resource.RUSAGE_SELF)
+  for _ in range(repeats):
+    fn()
+  after = resource.getrusage(resource.RUSAGE_SELF)
+  return ((after.ru_stime - before.ru_stime) / repeats,
+          (after.ru_minflt - before.ru_minflt) / repeats)
 
 
 def main(argv=None):
   parser = common.arg_parser(__doc__.split("\n\n")[0])
-  parser.add_argument("--configs", default=None,
-                      help="paligemma variants (default tiny,bench_100m; --quick: tiny)")
+  parser.add_argument("--configs", default=None, help="paligemma variants (default bench_100m; "
+                                                      "--quick: tiny)")
   parser.add_argument("--repeats", type=int, default=None)
+  parser.add_argument("--profile", action="store_true", help="also time our step's parts")
   args = parser.parse_args(argv)
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
   transformers.logging.set_verbosity_error()
   torch.set_num_threads(os.cpu_count())
-  repeats = args.repeats or (2 if args.quick else 5)
-  peak = matmul_peak_flops(1024 if args.quick else 2048)
-  batches = {"tiny": 8, "bench_100m": 4}
-  configs = (args.configs or ("tiny" if args.quick else "tiny,bench_100m")).split(",")
-  rows = [bench_config(name, batches.get(name, 4), repeats, peak) for name in configs]
-  columns = ["config", "params_m", "trained_m", "batch", "step_s_ours", "step_s_hf", "step_ratio",
-             "ex_s_ours", "ex_s_hf", "tok_s_ours", "tok_s_hf", "gflop_step", "mfu_ours",
-             "mfu_hf", "first_loss_ours", "first_loss_hf"]
+  repeats = args.repeats or (2 if args.quick else 3)
+  peak_n = 1024 if args.quick else 2048
+  shapes = ([(2, 32), (4, 32)] if args.quick else
+            [(1, 64), (2, 64), (4, 64), (8, 64), (2, 32), (2, 128), (2, 256)])
+  rows, profile_rows = [], []
+  for name in (args.configs or ("tiny" if args.quick else "bench_100m")).split(","):
+    cfg = pg.get_config(name)
+    model = pg.Model(**cfg)
+    params = model_bench.random_params(model, cfg.img.image_size)
+    with tempfile.TemporaryDirectory(prefix="train_bench_") as folder:
+      hf = HF(model_bench.load_hf(params, cfg, folder))
+    ours = Ours(name, params)
+    for batch, text_len in shapes:
+      rows.append(bench_row(name, ours, hf, cfg.img.image_size, batch, text_len, repeats, peak_n))
+      print(common.format_table(rows[-1:]), flush=True)
+    if args.profile:
+      data = make_batch(4, cfg.img.image_size, 64)
+      prepared = hf.prepare(data)
+      ours.reset()
+      hf.reset()
+      profile_rows = profile(ours, cfg.img.image_size, 4, 64, repeats)
+      stime, faults = kernel_time(lambda: ours.step(data), repeats)
+      profile_rows.append(dict(part="(kernel CPU time per step, getrusage)", seconds=stime))
+      profile_rows.append(dict(part="(minor page faults per step)", seconds=faults))
+      hf_stime, hf_faults = kernel_time(lambda: hf.step(prepared), repeats)
+      profile_rows.append(dict(part="(HF: kernel CPU time per step)", seconds=hf_stime))
+      profile_rows.append(dict(part="(HF: minor page faults per step)", seconds=hf_faults))
+  columns = ["config", "batch", "text_len", "step_s_ours", "step_s_hf", "step_ratio",
+             "loss_tok_s_ours", "loss_tok_s_hf", "gflop_step", "peak_gflop_s", "mfu_ours",
+             "mfu_hf", "first_loss_ours", "first_loss_hf", "loss_diff"]
   notes = [
-      f"Measured matmul peak: {peak / 1e9:.1f} GFLOP/s (float32, jax.jit). float32 both "
-      f"sides; HF transformers {transformers.__version__} (torch {torch.__version__}, "
-      f"{torch.get_num_threads()} threads) vs jax {jax.__version__}.",
-      f"Text: {PREFIX_LEN} prompt + {SUFFIX_LEN} answer tokens after the image tokens; "
+      f"float32 both sides; HF transformers {transformers.__version__} (torch {torch.__version__}, "
+      f"{torch.get_num_threads()} threads, sdpa, logits_to_keep = loss positions) vs jax "
+      f"{jax.__version__}; medians of {repeats} interleaved repeats after 1 step each.",
+      f"Text: {PREFIX_LEN} prompt tokens then the answer (loss) tokens, after the image tokens; "
       "image side frozen, LLM trained (AdamW lr 1e-4, wd 0.01, clip 1.0) on both sides.",
-      "step_ratio = HF step time / ours (> 1: we are faster). first_loss_*: the loss of "
-      "the first step (same weights and batch: should agree to ~1e-4).",
+      "step_ratio = HF step time / ours (> 1: we are faster); loss_diff = |first-step loss ours - "
+      "HF| (same weights and batch).",
   ]
+  if profile_rows:
+    print("\nOur step at batch 4, text 64, its parts timed alone (seconds; medians):")
+    print(common.format_table(profile_rows))
   common.report("Train bench: one training step, ours (JAX) vs HF transformers (PyTorch)",
-                rows, args, columns=columns, notes=notes, extra=dict(peak_flops=peak))
+                rows, args, columns=columns, notes=notes, extra=dict(profile=profile_rows))
 
 
 if __name__ == "__main__":
