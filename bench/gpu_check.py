@@ -81,18 +81,23 @@ def matmul_tflops(n, calls=10, repeats=3):
   a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.bfloat16) for i in (1, 2))
   dot = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32).astype(x.dtype))
   dot(a, b).block_until_ready()
-  def run():
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
     jax.block_until_ready([dot(a, b) for _ in range(calls)])
-  return 2 * n ** 3 * calls / common.time_fn(run, repeats=repeats, warmup=0) / 1e12
+    times.append(time.perf_counter() - t0)
+  return 2 * n ** 3 * calls / min(times) / 1e12
 
 
 def start_flops(variant, remat, batch):
-  """scale_plan.flops_per_example in a CPU-only python (it compiles three unrolled steps)."""
+  """scale_plan.flops_per_example in a CPU-only python (it compiles the step with unrolled
+  scans at small depths); its log goes to a temporary file, not a pipe that could fill."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
   cmd = [sys.executable, "-m", "bench.gpu_check", "--flops_worker", "--variant", variant,
          "--remat", remat, "--batch", str(batch)]
-  return subprocess.Popen(cmd, env=env, cwd=scale_plan.REPO, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+  proc = subprocess.Popen(cmd, env=env, cwd=scale_plan.REPO, stdout=out, stderr=err, text=True)
+  return proc, out, err
 
 
 def flops_worker(args):
@@ -101,17 +106,21 @@ def flops_worker(args):
   print("GFLOP " + json.dumps(gflop))
 
 
-def finish_flops(proc, timeout):
+def finish_flops(worker, timeout):
   """GFLOP per example from the worker started by `start_flops`."""
+  proc, out, err = worker
   try:
-    out, err = proc.communicate(timeout=max(timeout, 1))
+    proc.wait(timeout=max(timeout, 1))
   except subprocess.TimeoutExpired:
     proc.kill()
-    proc.communicate()
+    proc.wait()
     raise TimeoutError(f"FLOPs worker still running after the time budget ({timeout:.0f} s left)")
-  lines = [l for l in out.splitlines() if l.startswith("GFLOP ")]
+  out.seek(0)
+  err.seek(0)
+  lines = [l for l in out.read().splitlines() if l.startswith("GFLOP ")]
   if proc.returncode or not lines:
-    raise RuntimeError(f"FLOPs worker failed: {err.strip().splitlines()[-1:] or proc.returncode}")
+    raise RuntimeError(f"FLOPs worker failed ({proc.returncode}): "
+                       f"{err.read().strip().splitlines()[-1:]}")
   return json.loads(lines[-1][6:])
 
 
@@ -195,7 +204,11 @@ class OursRunner:
     self.fns = {n: decode.make_generate_fn(model, max_decode_len=n, eos_id=-1, cache_dtype=dtype,
                                            weights_dtype=dtype) for n in (new_tokens, 1)}
 
-  def generate(self, images, text, new):
+  def inputs(self, images, text):
+    return jax.device_put(images), jax.device_put(text)
+
+  def generate(self, inputs, new):
+    images, text = inputs
     out = self.fns[new](self.params, images, text, text != 0, None)[0]
     return np.asarray(jax.block_until_ready(out))
 
@@ -243,42 +256,53 @@ class HFRunner:
     return out[:, inputs["input_ids"].shape[1]:].cpu().numpy()
 
 
-def decode_row(ours, hf, batch, image_size, new, repeats):
-  """Ours and HF on the same prompts: first-token latency, tokens/s, greedy agreement."""
+def decode_row(runners, batch, image_size, new, repeats):
+  """The runners ({'ours': .., 'hf': ..}) on the same prompts: time to the first token,
+  tokens/s, and the fraction of greedy tokens equal."""
   images, text = model_bench.inputs(batch, image_size)
-  hf_in = hf.inputs(images, text)
-  images, text = jax.device_put(images), jax.device_put(text)
-  t0 = time.perf_counter()
-  ours_tokens, hf_tokens = ours.generate(images, text, new), hf.generate(hf_in, new)
-  warm_s = time.perf_counter() - t0
-  times = model_bench.interleaved([lambda: ours.generate(images, text, 1),
-                                   lambda: hf.generate(hf_in, 1),
-                                   lambda: ours.generate(images, text, new),
-                                   lambda: hf.generate(hf_in, new)], repeats)
-  one_ours, one_hf, gen_ours, gen_hf = times
-  row = dict(batch=batch, new_tokens=new, prefill_ms_ours=1e3 * one_ours,
-             prefill_ms_hf=1e3 * one_hf, gen_tok_s_ours=batch * new / gen_ours,
-             gen_tok_s_hf=batch * new / gen_hf,
-             decode_tok_s_ours=model_bench.decode_rate(batch * (new - 1), gen_ours - one_ours),
-             decode_tok_s_hf=model_bench.decode_rate(batch * (new - 1), gen_hf - one_hf),
-             agree=float(np.mean(ours_tokens == hf_tokens)), first_call_s=warm_s)
-  if row["decode_tok_s_ours"] and row["decode_tok_s_hf"]:
-    row["decode_ratio"] = row["decode_tok_s_ours"] / row["decode_tok_s_hf"]
-  row["gen_ratio"] = row["gen_tok_s_ours"] / row["gen_tok_s_hf"]
+  inputs = {name: r.inputs(images, text) for name, r in runners.items()}
+  row, tokens = dict(batch=batch, new_tokens=new), {}
+  for name, r in runners.items():  # First calls: compiles (ours; HF's on CUDA).
+    t0 = time.perf_counter()
+    tokens[name] = r.generate(inputs[name], new)
+    row[f"first_call_s_{name}"] = time.perf_counter() - t0
+  fns = [lambda r=r, x=inputs[name], n=n: r.generate(x, n)
+         for name, r in runners.items() for n in (1, new)]
+  times = iter(model_bench.interleaved(fns, repeats))
+  for name in runners:
+    one, gen = next(times), next(times)
+    row.update({f"prefill_ms_{name}": 1e3 * one, f"gen_tok_s_{name}": batch * new / gen,
+                f"decode_tok_s_{name}": model_bench.decode_rate(batch * (new - 1), gen - one)})
+  if "hf" in runners:
+    row["agree"] = float(np.mean(tokens["ours"] == tokens["hf"]))
+    row["gen_ratio"] = row["gen_tok_s_ours"] / row["gen_tok_s_hf"]
+    if row["decode_tok_s_ours"] and row["decode_tok_s_hf"]:
+      row["decode_ratio"] = row["decode_tok_s_ours"] / row["decode_tok_s_hf"]
   return row
 
 
-def decode_phase(ours, args, budget, results):
-  """Fills results['decode'] (rows) and results['errors'] batch by batch, within the budget."""
-  dtype = jnp.dtype(args.decode_dtype)
+def make_hf(ours, args, results):
+  """HFRunner on our decode weights, on CUDA when torch has it (never a 3B on the CPU
+  next to a GPU); notes the versions and settings in results['hf']."""
   import torch  # pylint: disable=import-outside-toplevel
   device = "cuda" if torch.cuda.is_available() else "cpu"
+  if device == "cpu" and jax.default_backend() != "cpu":
+    raise RuntimeError(f"torch {torch.__version__} sees no CUDA device: HF not run on the CPU")
   if device == "cpu":
     torch.set_num_threads(os.cpu_count())
+  dtype = jnp.dtype(args.decode_dtype)
   hf = HFRunner(ours.host, ours.model_cfg, dtype, device, compile_=args.hf_compile == "auto")
+  results["hf"] = dict(hf.versions, device=device, compile=args.hf_compile, attn="sdpa",
+                       cache="static", dtype=dtype.name)
+  return hf
+
+
+def decode_phase(ours, args, budget, results):
+  """Fills results['decode'] (rows) and results['errors'] batch by batch, within the budget;
+  without HF (its error recorded) ours is still timed."""
+  hf = guarded("hf", results, make_hf, ours, args, results)
   del ours.host
-  results["hf"] = dict(hf.versions, device=device, compile=args.hf_compile,
-                       attn="sdpa", cache="static", dtype=dtype.name)
+  runners = dict(ours=ours, **({"hf": hf} if hf else {}))
   last = 0.0
   for batch in [int(b) for b in args.decode_batches.split(",")]:
     if budget.left() < last:
@@ -286,15 +310,15 @@ def decode_phase(ours, args, budget, results):
                                               f"budget left, the last batch took {last:.0f} s")
       continue
     t0 = time.perf_counter()
-    try:
-      results["decode"].append(decode_row(ours, hf, batch, ours.model_cfg["img"]["image_size"],
-                                          args.new_tokens, args.repeats))
-    except Exception as e:  # pylint: disable=broad-except  # recorded, next batch still runs
-      results["errors"][f"decode_b{batch}"] = error_string(e)
+    row = guarded(f"decode_b{batch}", results, decode_row, runners, batch,
+                  ours.model_cfg["img"]["image_size"], args.new_tokens, args.repeats)
+    if row:
+      results["decode"].append(row)
     last = time.perf_counter() - t0
-  if hf.compile_error:
-    results["errors"]["hf_compile"] = "HF ran without compile after: " + hf.compile_error
-  results["hf"]["compiled"] = hf.compile and device == "cuda"
+  if hf:
+    results["hf"]["compiled"] = hf.compile and hf.device == "cuda"
+    if hf.compile_error:
+      results["errors"]["hf_compile"] = "HF ran without compile after: " + hf.compile_error
 
 
 def guarded(name, results, fn, *a):
