@@ -137,9 +137,9 @@ def _summary(rec):
   return rec.meta["summary"] if "summary" in rec.meta else curation.summary(rec)
 
 
-def _fetch(rec):
+def _fetch(rec, masks=True):
   """The full record of an index entry (a streamed stub is read from disk)."""
-  return tfds_source.fetch(rec) if rec.image is None else rec
+  return tfds_source.fetch(rec, masks) if rec.image is None else rec
 
 
 def _plan(config, split, tasks, class_names, train_config, positives_only):
@@ -194,7 +194,7 @@ def curated_units(config, *, split, seg_codec=None, tasks=None, class_names=None
   plan = _plan(config, split, tasks, names, train_config, positives_only=False)
   make = _examples(config, plan, seg_codec=seg_codec, class_names=names, image_size=None)
   return collections.OrderedDict(
-      (u, [make.example(r, unit.task, k) for r, k in zip(unit.rec, unit.k)])
+      (u, [make.example(r, unit.task, k, _fetch(plan[0][r])) for r, k in zip(unit.rec, unit.k)])
       for u, unit in make.units.items())
 
 

@@ -110,9 +110,10 @@ class _Corrupt:
 
 def test_a_bad_record_is_named_in_one_line_and_skipped(built, tok, caplog):
   stubs = [s for s in tfds_source.read(built) if s.split == "train"]
-  tfds_source.fetch(stubs[0])
-  key = (built, "train")
-  tfds_source._SOURCES[key] = _Corrupt(tfds_source._SOURCES[key], bad=3)  # pylint: disable=protected-access
+  keys = [(built, "train", masks) for masks in (True, False)]
+  for key in keys:  # pylint: disable=protected-access
+    tfds_source.fetch(stubs[0], masks=key[2])
+    tfds_source._SOURCES[key] = _Corrupt(tfds_source._SOURCES[key], bad=3)
   try:
     with pytest.raises(tfds_source.TfdsSourceError, match=rf"record 3 \('{stubs[3].image_id}'\)"):
       tfds_source.fetch(stubs[3])
@@ -123,7 +124,8 @@ def test_a_bad_record_is_named_in_one_line_and_skipped(built, tok, caplog):
     lines = [r.getMessage() for r in caplog.records if "skipping record" in r.getMessage()]
     assert lines and all(stubs[3].image_id in l and "\n" not in l for l in lines)
   finally:
-    del tfds_source._SOURCES[key]  # pylint: disable=protected-access
+    for key in keys:
+      del tfds_source._SOURCES[key]  # pylint: disable=protected-access
 
 
 _RUN = textwrap.dedent("""

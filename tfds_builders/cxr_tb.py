@@ -139,7 +139,7 @@ class CxrTb(tfds.core.GeneratorBasedBuilder):
     if cfg.source == "phantom":  # one at a time: a scale build never holds its images
       self.info.metadata["skipped"] = images.Skips(f"cxr_tb/{cfg.name}").summary()
       self.info.metadata["records"] = cfg.n
-      by_split = {s: [] for s in splits.SPLITS}
+      by_split, self._pictures = {s: [] for s in splits.SPLITS}, {}
       for i in range(cfg.n):
         by_split[splits.assign(phantom.patient_of(i)[0], seed=cfg.split_seed)].append(i)
       return {s: self._generate_examples(s, map(self._phantom, idx))
@@ -161,11 +161,15 @@ class CxrTb(tfds.core.GeneratorBasedBuilder):
     """Phantom record i (split by patient like the other sources), or with
     `distinct_images` K its image id and patient on phantom i % K's picture."""
     cfg = self.builder_config
-    k = i % cfg.distinct_images if cfg.distinct_images else i
-    rec = phantom.generate(k, size=cfg.size, difficulty=cfg.difficulty)
-    if cfg.distinct_images:
-      rec.meta["picture"] = k
-      rec.image_id, rec.patient_id = f"phantom-s0-{i:07d}", phantom.patient_of(i)[0]
+    if not cfg.distinct_images:
+      rec = phantom.generate(i, size=cfg.size, difficulty=cfg.difficulty)
+    else:
+      k = i % cfg.distinct_images
+      if k not in self._pictures:
+        self._pictures[k] = phantom.generate(k, size=cfg.size, difficulty=cfg.difficulty)
+      rec = dataclasses.replace(self._pictures[k], image_id=f"phantom-s0-{i:07d}",
+                                patient_id=phantom.patient_of(i)[0],
+                                meta={**self._pictures[k].meta, "picture": k})
     rec.split = splits.assign(rec.patient_id, seed=cfg.split_seed)
     return rec
 

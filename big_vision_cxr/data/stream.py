@@ -134,7 +134,8 @@ class Unit:
 class Examples:
   """Examples by index, for training (`train(g)`) and evaluation (`get`).
 
-  records: the split's records (full, or streamed stubs with `fetch`); units: {name: Unit};
+  records: the split's records (full, or streamed stubs: `fetch(record, masks)` reads one;
+  masks are decoded only when a unit segments, and for evaluation); units: {name: Unit};
   seg_from_boxes: bool per record. Pickles without its tokenizer/codec objects (rebuilt
   from their files and params in grain's worker processes).
   """
@@ -147,6 +148,7 @@ class Examples:
     self.pp_image, self.image_size = pp_image, image_size
     self.tokenizer, self.text_len = tokenizer, text_len
     self.cache = cache  # in-memory sources: images and examples kept once made
+    self.masks = any(u.task == "segmentation" for u in units.values())  # else not decoded
     self.sequence, self.seed, self.process_index, self.process_count = None, 0, 0, 1
     self._init_local()
 
@@ -154,12 +156,12 @@ class Examples:
     self.model_input = ops_image.model_input_fn(self.pp_image, self.image_size)
     self.text_fn = None if self.tokenizer is None else builder.get_preprocess_fn(
         f"tokenize_train({self.text_len})", tokenizer=self.tokenizer)
-    self._perms, self._images, self._examples = {}, {}, {}
+    self._perms, self.image_cache, self._examples = {}, {}, {}
     self._lock = threading.Lock()
 
   def __getstate__(self):
     state = {k: v for k, v in self.__dict__.items()
-             if k not in ("model_input", "text_fn", "_perms", "_images", "_examples", "_lock")}
+             if k not in ("model_input", "text_fn", "_perms", "image_cache", "_examples", "_lock")}
     if self.tokenizer is not None:
       state["tokenizer"] = ("file", self.tokenizer.model_file)
     if self.seg_codec is not None:
@@ -203,7 +205,7 @@ class Examples:
     key = (r, task, k)
     if key in self._examples:
       return self._examples[key]
-    rec = self.fetch(self.records[r]) if record is None else record
+    rec = self.fetch(self.records[r], masks=self.masks) if record is None else record
     ex = curation.example(rec, task, k, class_names=self.class_names, seg_codec=self.seg_codec,
                           seg_from_boxes=bool(self.seg_from_boxes[r]))
     if self.cache:
@@ -213,11 +215,11 @@ class Examples:
   def image(self, ex):
     """The model input up to a trailing value_range: [size, size, 1 or 3]."""
     key = (ex.source, ex.image_id)
-    if key in self._images:
-      return self._images[key]
+    if key in self.image_cache:
+      return self.image_cache[key]
     out = self.model_input.stored(ex.image)
     if self.cache:
-      self._images[key] = out
+      self.image_cache[key] = out
     return out
 
   def _good(self, u, rank, task):
@@ -229,7 +231,7 @@ class Examples:
       if (r, task, k) in self._examples:
         return self._examples[(r, task, k)]
       try:
-        record = self.fetch(self.records[r])
+        record = self.fetch(self.records[r], masks=self.masks)
       except errors.Error as e:
         bad.append(self.records[r].image_id)
         logging.warning("skipping record %r: %s", bad[-1], str(e).splitlines()[0])
@@ -259,7 +261,7 @@ class Examples:
   def get(self, item):
     """Evaluation element of (record, task, k, valid): (image, ground truth or None)."""
     r, task, k, valid = item
-    ex = self.example(r, task, k)
+    ex = self.example(r, task, k, self.fetch(self.records[r], masks=True))
     return self.image(ex), (ex.ground_truth() if valid else None)
 
 

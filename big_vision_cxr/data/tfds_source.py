@@ -36,12 +36,13 @@ def _str(v):
 
 
 def example_to_record(ex, split=None):
-  """A decoded TFDS example (numpy) -> SourceRecord."""
+  """A decoded TFDS example (numpy) -> SourceRecord (no masks if they were left undecoded)."""
   objs = ex["objects"]
   n = len(objs["label"])
   opt = lambda values: [(_str(v) or None) for v in values]
-  mask = np.stack([m[..., 0] for m in objs["mask"]]).astype(np.uint8) if ex["masks_known"] and n else (
-      np.zeros((0, *ex["image"].shape[:2]), np.uint8) if ex["masks_known"] else None)
+  decoded = n == 0 or not isinstance(objs["mask"][0], bytes)
+  mask = np.stack([m[..., 0] for m in objs["mask"]]).astype(np.uint8) if ex["masks_known"] and n and decoded else (
+      np.zeros((0, *ex["image"].shape[:2]), np.uint8) if ex["masks_known"] and decoded else None)
   return records.validate(records.SourceRecord(
       image_id=_str(ex["image_id"]), patient_id=_str(ex["patient_id"]), source=_str(ex["source"]),
       image=np.asarray(ex["image"][..., 0], np.uint8), label=records.LABELS[int(ex["label"])],
@@ -68,14 +69,29 @@ def _stubs(data_dir, split, cols):
       for i in range(len(cols["image_id"]))]
 
 
-def fetch(stub):
-  """The full record of a streamed entry (its source, patient id and split kept)."""
+def _source(data_dir, split, masks):
+  """tfds.data_source of a split, opened once per process; masks=False leaves the masks
+  undecoded (dropped by `example_to_record`: for tasks that do not use them)."""
+  key = (data_dir, split, masks)
+  if key not in _SOURCES:
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
+    class Undecoded(tfds.decode.Decoder):
+      def decode_example(self, serialized):
+        return serialized
+      decode_example_np = decode_batch_example_np = decode_example
+
+    decoders = None if masks else {"objects": {"mask": Undecoded()}}
+    _SOURCES[key] = tfds.builder_from_directory(data_dir).as_data_source(split, decoders=decoders)
+  return _SOURCES[key]
+
+
+def fetch(stub, masks=True):
+  """The full record of a streamed entry (its source, patient id and split kept); without
+  its object masks unless `masks`."""
   data_dir, split, index = stub.meta["stream"]
   try:
-    if (data_dir, split) not in _SOURCES:
-      import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-      _SOURCES[(data_dir, split)] = tfds.builder_from_directory(data_dir).as_data_source(split)
-    rec = example_to_record(_SOURCES[(data_dir, split)][index], split=split)
+    rec = example_to_record(_source(data_dir, split, masks)[index], split=split)
   except Exception as e:  # Any failure reading one record is that record's error.
     raise TfdsSourceError(f"{data_dir} split {split} record {index} ({stub.image_id!r}): "
                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
