@@ -12,10 +12,10 @@ error string and the others still run), in this order:
   train    configs/cxr_mix.py's paper recipe (bench.scale_plan.recipe_config) with
            bf16 compute: random-init state on the device (jit'd init with the trainer's
            shardings), the trainer's own update step (scale_plan.compile_step), warm-up
-           then timed steps on a random batch -> examples/s. FLOPs per example come from
-           scale_plan.flops_per_example (XLA:CPU's count with the layer scans
-           extrapolated), computed in a CPU subprocess while the GPU works;
-           MFU = FLOPs/example x examples/s / matmul peak
+           then timed steps on a random batch -> examples/s. FLOPs per example are
+           counted as bench.scale_plan does (XLA:CPU's cost analysis with the layer
+           scans unrolled at depths 1 and 2, batch 1 and 2, extrapolated), in a CPU
+           subprocess while the GPU works; MFU = FLOPs/example x examples/s / peak
   decode   greedy generation, N new tokens, no EOS, batch 8, 1, 64 (the target first):
            ours (`decode.make_generate_fn` on params laid out once by `decode.prepare`;
            LLM weights, activations and KV cache in the decode dtype) and HF
@@ -25,7 +25,8 @@ error string and the others still run), in this order:
            prefill_ms = time to the first token (image + prompt through the model, cache
            filled, first token picked) = time(generate 1 new); decode_tok_s = B (N - 1) /
            (time(N new) - time(1 new)); gen_tok_s = B N / time(N new). Ours and HF are
-           timed interleaved, best of the repeats; agree = fraction of greedy tokens equal.
+           timed interleaved, medians of the repeats (bench.common.interleaved); agree =
+           fraction of greedy tokens equal.
 The decode dtype is bfloat16 on an accelerator and float32 on CPU, where XLA's bf16 is
 slow and the agreement check needs float32 (random weights give near-tied logits that
 bf16 rounding flips). A time budget (--budget_s) skips decode batches that would not fit.
@@ -89,21 +90,42 @@ def matmul_tflops(n, calls=10, repeats=3):
   return 2 * n ** 3 * calls / min(times) / 1e12
 
 
+def gflop_per_example(variant, remat, batch):
+  """The trainer's step on one device, counted as bench.scale_plan counts it: XLA's cost
+  analysis with the layer scans unrolled at depths (img, llm) = (1, 1), (2, 1), (1, 2)
+  (XLA counts a loop body once), extrapolated linearly to the real depths; at batch 1 and
+  2, the step being affine in the batch (the optimizer update is per step)."""
+  from big_vision_cxr import sharding  # pylint: disable=import-outside-toplevel
+  from big_vision_cxr.models import common as model_common  # pylint: disable=import-outside-toplevel
+  mesh = sharding.create_mesh([("data", 1)], devices=jax.devices()[:1])
+  config = lambda b: scale_plan.recipe_config(variant, "paper", remat, "bfloat16", b, 1)
+  depth = model_common.model_config(config(1))
+
+  def flops(d_img, d_llm, b):
+    c = config(b)
+    c.model.img["depth"], c.model.llm["depth"] = d_img, d_llm
+    with scale_plan.unrolled_scans():
+      cost = scale_plan.compile_step(c, mesh)[0].cost_analysis()
+    return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+
+  def step(b):
+    f11, f21, f12 = flops(1, 1, b), flops(2, 1, b), flops(1, 2, b)
+    return (f11 + (depth["img"]["depth"] - 1) * (f21 - f11)
+            + (depth["llm"]["depth"] - 1) * (f12 - f11))
+
+  f1, f2 = step(1), step(2)
+  return (f1 + (batch - 1) * (f2 - f1)) / batch / 1e9
+
+
 def start_flops(variant, remat, batch):
-  """scale_plan.flops_per_example in a CPU-only python (it compiles the step with unrolled
-  scans at small depths); its log goes to a temporary file, not a pipe that could fill."""
+  """`gflop_per_example` in a CPU-only python (compiles, no GPU needed) while the GPU
+  works; its log goes to a temporary file, not a pipe that could fill."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
   cmd = [sys.executable, "-m", "bench.gpu_check", "--flops_worker", "--variant", variant,
          "--remat", remat, "--batch", str(batch)]
   out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
   proc = subprocess.Popen(cmd, env=env, cwd=scale_plan.REPO, stdout=out, stderr=err, text=True)
   return proc, out, err
-
-
-def flops_worker(args):
-  gflop, _ = scale_plan.flops_per_example(
-      dict(variant=args.variant, recipe="paper", remat=args.remat, dtype="bfloat16"), args.batch)
-  print("GFLOP " + json.dumps(gflop))
 
 
 def finish_flops(worker, timeout):
@@ -268,7 +290,7 @@ def decode_row(runners, batch, image_size, new, repeats):
     row[f"first_call_s_{name}"] = time.perf_counter() - t0
   fns = [lambda r=r, x=inputs[name], n=n: r.generate(x, n)
          for name, r in runners.items() for n in (1, new)]
-  times = iter(model_bench.interleaved(fns, repeats))
+  times = iter(common.interleaved(fns, repeats))
   for name in runners:
     one, gen = next(times), next(times)
     row.update({f"prefill_ms_{name}": 1e3 * one, f"gen_tok_s_{name}": batch * new / gen,
@@ -378,7 +400,8 @@ def main(argv=None):
     if getattr(args, key, None) is None:
       setattr(args, key, value)
   if args.flops_worker:
-    return flops_worker(args)
+    print("GFLOP " + json.dumps(gflop_per_example(args.variant, args.remat, args.batch)))
+    return None
   budget = Budget(args.budget_s)
   backend = jax.default_backend()
   args.decode_dtype = args.decode_dtype or ("float32" if backend == "cpu" else "bfloat16")
@@ -422,7 +445,7 @@ def main(argv=None):
       "the same step, scans extrapolated).",
       f"decode: {args.new_tokens} new greedy tokens, {args.decode_dtype} weights and KV cache "
       f"on both sides, HF {results.get('hf')}; prefill_ms = time to the first token; "
-      "decode_tok_s = steps alone; ratios ours/HF (>1: we are faster); best of "
+      "decode_tok_s = steps alone; ratios ours/HF (>1: we are faster); medians of "
       f"{args.repeats} interleaved.",
       f"targets (GPU): {results['targets']}; wall {results['wall_s']:.0f} s.",
   ] + [f"ERROR {k}: {v}" for k, v in results["errors"].items()]
