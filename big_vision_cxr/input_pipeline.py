@@ -1,4 +1,4 @@
-"""Task/dataset mixture, per-host sharding and a resumable iterator (numpy).
+"""Task/dataset mixture, per-host sharding and a resumable iterator (grain, numpy).
 
     it = input_pipeline.training(config.input, batch_size=8, seed=0, tokenizer=tok)
     batch = next(it)        # image [B,H,W,3] f32, text/mask_ar/mask_loss [B,L] i32, task_id [B]
@@ -7,10 +7,13 @@
 Design (the config shape is in docs/DATA.md):
 - Every dataset in `config.datasets` is read into source records, named and
   split by patient (`data/datasets.py`: `source_name`, `patient_id_prefix`,
-  `split_map`), and the requested split is curated into the tasks' examples
-  (`data/curation.py`). Examples are grouped into mixture units: one
-  per task (`mix_by='task'`, the paper's p_t ∝ 1/N_t) or one per (dataset,
-  task) (`mix_by='dataset_task'`).
+  `split_map`): in memory, or, for a TFDS ArrayRecord build, as an index of
+  entries without pixels that are read one at a time (`data/tfds_source.py`).
+  From the records' summaries alone (`curation.summary`, `task_counts`) the
+  requested split's examples are laid out in mixture units, (record, k) pairs
+  (`data/stream.py`): one unit per task (`mix_by='task'`, the paper's
+  p_t ∝ 1/N_t) or per (dataset, task) (`mix_by='dataset_task'`). A record is
+  curated into its one example when drawn.
 - Unit weights: 'inverse_size' (∝ 1/N), 'proportional' (∝ N), 'uniform', or a
   dict {unit: weight}; normalised to probabilities.
 - Global example g draws its unit from a counter-based RNG (splitmix64 of
@@ -19,6 +22,11 @@ Design (the config shape is in docs/DATA.md):
   (batch_size * P examples) and keeps those with g % P == p, so all hosts walk
   the same global sequence and share one state:
   {'next_example': g, 'unit_counts': {unit: examples drawn}}.
+- grain runs it: a MapDataset whose i-th element is this process's i-th example
+  (fetch, curate, image pp, tokenise), batched; `num_workers` > 0 does that in
+  worker processes (ending with the trainer), each a slice of the batches, the
+  order unchanged. A record that cannot be read is logged and replaced by its
+  unit's next example.
 - `object_tasks_positives_only=True` keeps (in training only) just the
   detection/segmentation examples with at least one object.
 - Datasets are read by the source their `source` names (`registry.DATA_SOURCES`);
@@ -30,8 +38,9 @@ Design (the config shape is in docs/DATA.md):
   in the datasets (`class_names(config)`); an explicit `class_names=` argument
   wins (a stored run evaluated later is prompted exactly as it was trained).
 - Images go through `pp.ops_image.model_input_fn(pp_image, image_size)`, the
-  path inference uses too: all but a trailing `value_range` once per image,
-  cached in memory (uint8, grey stored once), the `value_range` per batch.
+  path inference uses too: all but a trailing `value_range` per example (cached
+  once per image for in-memory sources with `cache_images`; streamed sources
+  keep nothing), the `value_range` per batch in this process.
   Training text goes through `tokenize_train(text_len)`; evaluation batches
   carry no text (evaluators prompt with the ground truths' prefixes).
 """

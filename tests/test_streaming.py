@@ -128,6 +128,15 @@ def test_a_bad_record_is_named_in_one_line_and_skipped(built, tok, caplog):
       del tfds_source._SOURCES[key]  # pylint: disable=protected-access
 
 
+def test_only_unreadable_records_stop_with_one_error_naming_them(built, tok, monkeypatch):
+  def unreadable(stub, masks=True):
+    raise tfds_source.TfdsSourceError(f"record {stub.meta['stream'][2]} ({stub.image_id!r}): broken")
+  monkeypatch.setattr(tfds_source, "fetch", unreadable)
+  it = ip.training(config(built, tasks=("diagnosis",)), batch_size=4, seed=0, tokenizer=tok)
+  with pytest.raises(stream.StreamError, match=r"unit 'diagnosis': 16 unreadable records in a row: \['phantom-s0-"):
+    next(it)
+
+
 _RUN = textwrap.dedent("""
     import hashlib, json, os, signal, sys
     from big_vision_cxr import input_pipeline as ip
