@@ -67,6 +67,28 @@ def test_streamed_batches_equal_the_in_memory_ones(built, tok):
   assert a.get_state() == b.get_state()
 
 
+def test_streamed_evaluation_equals_the_in_memory_one(built):
+  cfg = config(built, tasks=("segmentation",))
+  memory = config(built, tasks=("segmentation",))
+  memory["datasets"]["ph"]["stream"] = False
+  kw = dict(task="segmentation", split="test", batch_size=3, seg_codec=_BoxCodec())
+  a, b = list(ip.evaluation(cfg, **kw)), list(ip.evaluation(memory, **kw))
+  assert len(a) == len(b) == 2  # 4 test images, 3 per batch: one padded
+  for (xa, ga), (xb, gb) in zip(a, b):
+    np.testing.assert_array_equal(xa["image"], xb["image"])
+    np.testing.assert_array_equal(xa["valid"], xb["valid"])
+    assert [g["suffix"] for g in ga] == [g["suffix"] for g in gb]
+    for g, h in zip(ga, gb):  # masks decoded for evaluation
+      np.testing.assert_array_equal(g["objects"]["mask"], h["objects"]["mask"])
+
+
+class _BoxCodec:
+  """A stand-in VQ-VAE: 16 ids from each mask's area."""
+
+  def encode(self, masks, boxes):
+    return np.stack([np.full(16, int(m.sum()) % 128) for m in masks]).astype(np.int32)
+
+
 def test_stream_draws_tasks_at_their_rates(built, tok):
   it = ip.training(config(built), batch_size=100, seed=1, tokenizer=tok)
   n = 3000
