@@ -21,10 +21,17 @@ WHEELS="${WHEELS:-wheels}"
 # JAX takes 75% of the GPU up front (the 3B step needs ~70 GiB at batch 4); torch gets the rest.
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.75}"
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}" TOKENIZERS_PARALLELISM=false
-if [ -d "$WHEELS" ]; then
-  "$PYTHON" -m pip install -q --no-index --find-links "$WHEELS" \
-      ml-collections sentencepiece pillow pycocotools \
-    || echo "warning: pip could not install from $WHEELS; running with what is installed" >&2
+# Offline, into a folder put first on PYTHONPATH: works where site-packages is read-only
+# or "externally managed" (PEP 668); skipped when everything imports already.
+if ! "$PYTHON" -c "import ml_collections, sentencepiece, PIL, pycocotools" 2>/dev/null; then
+  SITE="${TMPDIR:-/tmp}/gpu_check_site"
+  if [ -d "$WHEELS" ] && "$PYTHON" -m pip install -q --no-index --no-deps --upgrade \
+      --find-links "$WHEELS" --target "$SITE" ml-collections sentencepiece pillow pycocotools; then
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+  else
+    echo "warning: could not install ml-collections sentencepiece pillow pycocotools from" \
+         "$WHEELS/; running with what is installed" >&2
+  fi
 fi
 mkdir -p "$OUT"
 "$PYTHON" -m bench.gpu_check "$@" --json "$OUT/gpu_check.json" 2>&1 | tee "$OUT/gpu_check.log"
