@@ -23,11 +23,12 @@ all equal). A `decode=True` call writes its T new keys/values at
 with the caller's mask [B, T, S]. The caller keeps cache_index + T <= S: under jit an
 out-of-range write cannot raise, and XLA would clamp it onto the last slots.
 
-Dot layout (`dot_layout=True`, for decoding): each layer weight has its contracted
-axes last ([out, in], what XLA:CPU's dot kernels read without a transpose) and the tied
+Dot layout (`dot_layout=True`, for decoding): the layers are separate modules
+`layers_{i}` (their own buffers and caches [B, S, K, H], not one scan, whose per-layer
+slices XLA copies on every step); each layer weight has its contracted axes last ([out, in], what XLA:CPU's dot kernels read without a transpose) and the tied
 table is [D, V] (its matrix-vector product streams it in order): `input_embedding`
-[D, V], `q_einsum/w` [L, N, H, D], `kv_einsum/w` [L, 2, K, H, D], `attn_vec_einsum/w`
-[L, D, N, H], `gating_einsum` [L, 2, F, D], `linear` [L, D, F]. `to_dot_layout`
+[D, V], `layers_{i}/attn/q_einsum/w` [N, H, D], `kv_einsum/w` [2, K, H, D],
+`attn_vec_einsum/w` [D, N, H], `mlp/gating_einsum` [2, F, D], `mlp/linear` [D, F]. `to_dot_layout`
 converts a checkpoint's tree once, outside any loop (XLA would otherwise transpose each
 weight on every decode step). Its initialisers only serve shapes: never train it.
 """
@@ -285,13 +286,16 @@ class Model(nn.Module):
     else:
       raise ValueError(f"Unknown query_pre_attn_norm {self.query_pre_attn_norm!r}.")
     self.embedder = Embedder(self.vocab_size, self.width, self.dtype, self.dot_layout)
-    blocks = common.scan_blocks(Block, self.depth, self.remat, num_broadcast_args=4,
-                                static_argnums=(4, 5), variable_axes=("params", "cache"))
-    self.layers = blocks(
-        num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-        mlp_dim=self.mlp_dim, query_scale=query_scale, post_norms=self.post_norms,
-        attn_logits_softcap=self.attn_logits_softcap, dropout=self.dropout, dtype=self.dtype,
-        dot_layout=self.dot_layout)
+    kw = dict(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+              mlp_dim=self.mlp_dim, query_scale=query_scale, post_norms=self.post_norms,
+              attn_logits_softcap=self.attn_logits_softcap, dropout=self.dropout,
+              dtype=self.dtype, dot_layout=self.dot_layout)
+    if self.dot_layout:  # One module (own buffers) per layer: a scan copies each layer's slice.
+      self.layers = [Block(**kw) for _ in range(self.depth)]
+    else:
+      blocks = common.scan_blocks(Block, self.depth, self.remat, num_broadcast_args=4,
+                                  static_argnums=(4, 5), variable_axes=("params", "cache"))
+      self.layers = blocks(**kw)
     self.final_norm = RMSNorm()
 
   def embed_tokens(self, tokens):  # [B, T] int -> [B, T, D]
@@ -300,7 +304,8 @@ class Model(nn.Module):
   def __call__(self, x, positions, attn_mask, *, decode=False, deterministic=True):
     """x [B, T, D] embedded inputs -> final-normed hidden states [B, T, D]."""
     x = x.astype(self.dtype)
-    x, _ = self.layers(x, positions, attn_mask, decode, deterministic)
+    for layer in self.layers if self.dot_layout else [self.layers]:
+      x, _ = layer(x, positions, attn_mask, decode, deterministic)
     return self.final_norm(x)
 
   def logits(self, pre_logits):  # [B, T, D] -> [B, T, V] float32
@@ -309,8 +314,14 @@ class Model(nn.Module):
 
   def init_cache(self, batch_size, cache_size, dtype=None):
     """The empty "cache" collection of this module (no params needed)."""
-    shape = (self.depth, batch_size, cache_size, self.num_kv_heads, self.head_dim)
+    shape = (batch_size, cache_size, self.num_kv_heads, self.head_dim)
     dtype = dtype or self.dtype
+    if self.dot_layout:
+      return {f"layers_{i}": {"attn": {"k_cache": jnp.zeros(shape, dtype),
+                                       "v_cache": jnp.zeros(shape, dtype),
+                                       "cache_index": jnp.zeros((), jnp.int32)}}
+              for i in range(self.depth)}
+    shape = (self.depth,) + shape
     return {"layers": {"attn": {"k_cache": jnp.zeros(shape, dtype),
                                 "v_cache": jnp.zeros(shape, dtype),
                                 "cache_index": jnp.zeros((self.depth,), jnp.int32)}}}
@@ -335,6 +346,9 @@ def to_dot_layout(params, dtype=None):
     for part in path:
       node[part] = node = dict(node[part])
     node[leaf] = jnp.transpose(node[leaf], axes)
+  layers = params.pop("layers")
+  for i in range(jax.tree.leaves(layers)[0].shape[0]):
+    params[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], layers)
   if dtype is None:
     return params
   return jax.tree_util.tree_map_with_path(
