@@ -19,9 +19,10 @@ Target: >= 500 examples/s on 2 cores.
 (`distinct_images` pictures, so the build takes minutes; every record is its own
 PNG on disk, read and decoded per example), then streamed at 224 px in a fresh
 process per --workers value (grain worker processes): one pass of --n examples
-(first epoch, nothing cached) with the default pp_image at 224 px, examples/s, and the peak RSS of the process (and
-of its workers) after 5k examples and at the end: it must stay flat. Rows also
-give the ceiling: PNG decode alone (and decode + resize) on this machine's cores.
+(first epoch, nothing cached) with the default pp_image at 224 px: examples/s, CPU
+time per example, and the peak RSS of the process (and of its workers) after 5k
+examples and at the end: it must stay flat. Rows also give the ceilings: PNG decode
+alone, and decode + resize, on this machine's cores.
 """
 import argparse
 import csv
@@ -82,10 +83,15 @@ class _Memory:
       try:
         own = self.proc.memory_info().rss
         kids = sum(c.memory_info().rss for c in self.proc.children(recursive=True))
+        self.peak, self.peak_all = max(self.peak, own), max(self.peak_all, own + kids)
       except Exception:  # A worker ending between the two calls: sample again.
-        continue
-      self.peak, self.peak_all = max(self.peak, own), max(self.peak_all, own + kids)
+        pass
       time.sleep(0.05)
+
+
+def _cpu_seconds(proc):
+  """User + system CPU seconds of `proc` and its live children (grain workers)."""
+  return sum(sum(p.cpu_times()[:2]) for p in [proc] + proc.children(recursive=True))
 
 
 def stream_once(data_dir, n, workers, bs):
@@ -93,10 +99,12 @@ def stream_once(data_dir, n, workers, bs):
   mem = _Memory()
   tok = ops_text.default_tokenizer()
   config = dict(datasets={"scale": dict(source="tfds", name=data_dir)}, tasks=TASKS,
-                split_fractions=(1.0, 0.0, 0.0), text_len=64, pp_image=PP_SCALE, num_workers=workers)
+                split_fractions=(1.0, 0.0, 0.0), text_len=64, pp_image=PP_SCALE,
+                num_workers=workers)
   config["datasets"]["scale"]["split_map"] = {"val": "train", "test": "train"}
   it = input_pipeline.training(config, batch_size=bs, seed=0, tokenizer=tok)
   next(it)  # start-up (workers spawn and import) is not throughput
+  cpu0 = _cpu_seconds(mem.proc)
   t0, drawn, at_check, trace = time.perf_counter(), 0, None, []
   check = min(CHECK_AT, n // 10)
   while drawn < n:
@@ -107,11 +115,13 @@ def stream_once(data_dir, n, workers, bs):
     if drawn % (n // 10) < bs:
       trace.append((drawn, round(mem.peak / 2 ** 20)))
   seconds = time.perf_counter() - t0
+  cpu = _cpu_seconds(mem.proc) - cpu0
   time.sleep(0.1)
   it.close()
-  return dict(workers=workers, examples=drawn, check_at=check, seconds=seconds, examples_per_s=drawn / seconds,
-              rss_5k=at_check[0], rss_end=mem.peak, rss_all_5k=at_check[1], rss_all_end=mem.peak_all,
-              trace=trace, load=os.getloadavg()[0])
+  return dict(workers=workers, examples=drawn, check_at=check, seconds=seconds,
+              examples_per_s=drawn / seconds, cpu_ms_per_example=1e3 * cpu / drawn,
+              rss_5k=at_check[0], rss_end=mem.peak, rss_all_5k=at_check[1],
+              rss_all_end=mem.peak_all, trace=trace, load=os.getloadavg()[0])
 
 
 def build_scale(n, size, distinct, data_dir):
@@ -140,11 +150,14 @@ def ceilings(data_dir, repeats=200):
                                                      "objects": {"mask": Undecoded()}})
   pngs = [source[i]["image"] for i in range(min(repeats, len(source)))]
   decode = lambda p: builder.info.features["image"].decode_example_np(p)[..., 0]
-  rates = []
+  rates, cpu_ms = [], []
   for pp in (None, PP_SCALE, "decode|resize(224, antialias=True)|value_range(-1, 1)"):
-    fn = (lambda p: decode(p)) if pp is None else (lambda p, m=ops_image.model_input_fn(pp, 224): m.stored(decode(p)))
+    model_input = pp and ops_image.model_input_fn(pp, 224)
+    fn = decode if pp is None else (lambda p, m=model_input: m.stored(decode(p)))
+    cpu = time.process_time()
     rates.append(len(pngs) / common.time_fn(lambda f=fn: [f(p) for p in pngs], repeats=3))
-  return rates
+    cpu_ms.append(1e3 * (time.process_time() - cpu) / (4 * len(pngs)))  # warm-up + 3 repeats
+  return rates, cpu_ms
 
 
 def scale(args):
@@ -152,7 +165,7 @@ def scale(args):
   with tempfile.TemporaryDirectory() as tmp:
     data_dir, t_build = build_scale(args.n, args.size, args.distinct, args.data_dir or tmp)
     du = sum(f.stat().st_size for f in pathlib.Path(data_dir).iterdir())
-    dec, dec_resize, dec_antialias = ceilings(data_dir)
+    (dec, dec_resize, dec_antialias), cpu_ms = ceilings(data_dir)
     runs = []
     for w in workers:
       out = subprocess.run([sys.executable, "-m", "bench.input_bench", "--stream_once", data_dir,
@@ -163,25 +176,35 @@ def scale(args):
   mb = lambda b: b / 2 ** 20
   rows = [dict(stage=f"first epoch, {r['workers']} worker(s)", examples_per_s=r["examples_per_s"],
                rss_mb_5k=mb(r["rss_5k"]), rss_mb_end=mb(r["rss_end"]),
-               rss_mb_with_workers_5k=mb(r["rss_all_5k"]), rss_mb_with_workers_end=mb(r["rss_all_end"]),
+               rss_mb_with_workers_5k=mb(r["rss_all_5k"]),
+               rss_mb_with_workers_end=mb(r["rss_all_end"]),
+               cpu_ms_per_example=r["cpu_ms_per_example"],
                vs_target=common.ratio(r["examples_per_s"], TARGET),
-               vs_ceiling=common.ratio(r["examples_per_s"], cores * dec_resize), load=r["load"])
+               vs_ceiling=common.ratio(r["examples_per_s"], cores * dec_resize),
+               cpu_vs_ceiling=common.ratio(cpu_ms[1], r["cpu_ms_per_example"]), load=r["load"])
           for r in runs]
-  rows += [dict(stage=f"ceiling: PNG decode alone x {cores} cores", examples_per_s=cores * dec),
-           dict(stage=f"ceiling: decode + resize(224) x {cores} cores", examples_per_s=cores * dec_resize),
+  rows += [dict(stage=f"ceiling: PNG decode alone x {cores} cores", examples_per_s=cores * dec,
+                cpu_ms_per_example=cpu_ms[0]),
+           dict(stage=f"ceiling: decode + resize(224) x {cores} cores",
+                examples_per_s=cores * dec_resize, cpu_ms_per_example=cpu_ms[1]),
            dict(stage=f"ceiling: decode + resize(224, antialias=True) x {cores} cores",
-                examples_per_s=cores * dec_antialias)]
+                examples_per_s=cores * dec_antialias, cpu_ms_per_example=cpu_ms[2])]
   common.report(
-      f"input pipeline at scale: {args.n} phantom records at {args.size} px (ArrayRecord) -> 224 px",
+      f"input pipeline at scale: {args.n} phantom records at {args.size} px (ArrayRecord) "
+      "-> 224 px",
       rows, args,
-      notes=[f"Build: {t_build:.0f} s (0 when reused), {mb(du):.0f} MB on disk ({args.distinct} distinct pictures; "
-             "every record stores and decodes its own PNG). The file was just written, so reads "
-             "come mostly from the page cache.",
+      notes=[f"Build: {t_build:.0f} s (0 when reused), {mb(du):.0f} MB on disk ({args.distinct} "
+             "distinct pictures; every record stores and decodes its own PNG). The file was just "
+             "written, so reads come mostly from the page cache.",
              f"One pass of {args.n} examples per row, batch {bs}, tasks {', '.join(TASKS)}; "
-             f"RSS peaks after {CHECK_AT} examples and at the end (the end of each run's trace: "
-             f"{[r['trace'][-3:] for r in runs]}).",
-             f"Target {TARGET:.0f} examples/s; vs_ceiling: against decode + resize on all cores."],
+             f"RSS: peaks after {runs[0]['check_at']} examples and at the end; the trace (examples, "
+             f"peak MB of the process) of each run: {[r['trace'] for r in runs]}.",
+             f"Target {TARGET:.0f} examples/s; vs_ceiling: against decode + resize on all cores; "
+             "cpu_vs_ceiling: decode + resize CPU time per image over the pipeline's CPU time per "
+             "example (all its processes): the share of the work that is the unavoidable decode "
+             "and resize, independent of how busy the machine is."],
       extra=dict(runs=runs, build_s=t_build, disk_bytes=du, decode_per_s_1core=dec,
+                 ceiling_cpu_ms=cpu_ms,
                  decode_resize_per_s_1core=dec_resize, decode_antialias_per_s_1core=dec_antialias))
 
 
