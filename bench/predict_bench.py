@@ -15,8 +15,8 @@ Rows (same images, prompts and decode length):
 
 Ours and HF generate-only are timed interleaved (ours, HF, HF 1 thread, ours, ...) after
 a warm-up call each, medians kept; the other rows are medians after a warm-up.
---model_variant bench_100m (122.6M params, vocabulary 257152) is the headline size; the
-demo model shows the fixed overheads.
+The demo model shows the fixed overheads; a larger model needs a tokenizer of its
+vocabulary size (bench_100m: 257152, the released PaliGemma one) through --config.
 
 Without --checkpoint the weights are random (std 1) `--model_variant` weights: the decode
 work per prompt is then set by max_decode_len (random text rarely hits EOS) and
