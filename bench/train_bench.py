@@ -80,7 +80,8 @@ def recipe_config(variant, batch, depths=None):
 
 
 def make_update(config, params):
-  """(jitted update, tx) of the trainer for `config` (params may be ShapeDtypeStructs)."""
+  """(jitted update, tx, model, loss_fn) of the trainer for `config` (params may be
+  ShapeDtypeStructs)."""
   model = model_common.build_model(config)
   tx, plan, sched_fns = optim.make(config, params, total_steps=1000)
   mask = optim.trainable_mask(plan, params)
@@ -115,7 +116,7 @@ class Ours:
 
   def __init__(self, variant, params):
     self.params = params
-    self.update, self.tx, self.model, self.loss_fn = make_update(recipe_config(variant, 1), params)
+    self.update, self.tx, self.model, _ = make_update(recipe_config(variant, 1), params)
     self.rng = jax.random.key(0)
 
   def reset(self):
@@ -198,7 +199,7 @@ def bench_row(name, ours, hf, image_size, batch, text_len, repeats, peak_n):
 def profile(ours, image_size, batch, text_len, repeats):
   """Where our step's time goes: its parts jitted and timed alone (medians, seconds)."""
   data = make_batch(batch, image_size, text_len)
-  model, loss_fn, params, rng = ours.model, ours.loss_fn, ours.params, ours.rng
+  model, params = ours.model, ours.params
   text, mask_ar = data["text"][:, :-1], data["mask_ar"][:, :-1]
   x, _, _ = model.apply({"params": params}, data["image"], text, mask_ar=mask_ar,
                         method="embed_image_and_text")
@@ -234,7 +235,6 @@ def profile(ours, image_size, batch, text_len, repeats):
     seconds = common.time_fn(lambda fn=fn, name=name: jax.block_until_ready(fn(*args[name])),
                              repeats=repeats)
     rows.append(dict(part=name, seconds=seconds))
-  del rng
   return rows
 
 
