@@ -48,6 +48,7 @@ import collections
 import ctypes
 import logging
 import math
+import os
 import signal
 
 import numpy as np
@@ -235,9 +236,12 @@ def mixture_weights(sizes, weights):
   return {u: w / total for u, w in raw.items() if w > 0}
 
 
-def _die_with_parent(worker_index, worker_count):
-  """In each grain worker: end with the trainer, even when it is SIGKILLed (Linux)."""
+def _worker_init(worker_index, worker_count):
+  """In each grain worker: one TensorFlow thread (tf.image.resize; the workers are the
+  parallelism), and end with the trainer, even when it is SIGKILLed (Linux)."""
   del worker_index, worker_count
+  os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
+  os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
   try:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
   except OSError:
@@ -256,7 +260,7 @@ def _grain(dataset, config):
     if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags (defaults here)
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers),
-                        worker_init_fn=_die_with_parent)
+                        worker_init_fn=_worker_init)
   return iter(ds)
 
 
