@@ -274,7 +274,7 @@ class TrainIterator:
       raise InputError(f"batch_size must be >= 1, got {batch_size}")
     self.examples, self.config = examples, config
     self.names = list(examples.names)
-    self.units = examples.units
+    self.units = {u: stream.Curated(unit, examples) for u, unit in examples.units.items()}
     self.probs = {u: probs[u] for u in self.names}
     self.batch_size, self.seed = batch_size, seed
     self.process_index, self.process_count = process_index, process_count

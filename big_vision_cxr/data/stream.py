@@ -131,6 +131,20 @@ class Unit:
     return len(self.rec)
 
 
+class Curated:
+  """A unit whose iteration curates its examples (`Examples.example`), e.g. for the
+  baselines' majority answers (a streamed unit reads its records to do so)."""
+
+  def __init__(self, unit, examples):
+    self.task, self.rec, self.k, self._examples = unit.task, unit.rec, unit.k, examples
+
+  def __len__(self):
+    return len(self.rec)
+
+  def __iter__(self):
+    return (self._examples.example(int(r), self.task, int(k)) for r, k in zip(self.rec, self.k))
+
+
 class Examples:
   """Examples by index, for training (`train(g)`) and evaluation (`get`).
 
