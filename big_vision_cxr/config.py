@@ -182,6 +182,9 @@ def validate(config):
   log_every = config.get("log_training_steps", 10)
   if not isinstance(log_every, int) or isinstance(log_every, bool) or log_every < 1:
     raise ConfigError(f"config.log_training_steps must be a positive int, got {log_every!r}.")
+  if (config.get("param_dtype") or "float32") not in ("float32", "bfloat16"):
+    raise ConfigError(f"config.param_dtype must be 'float32' or 'bfloat16', got "
+                      f"{config.param_dtype!r}.")
   if config.get("microbatches", 1) < 1:
     raise ConfigError(f"config.microbatches must be >= 1, got {config.microbatches}.")
   model_common.model_module(config.model_name)

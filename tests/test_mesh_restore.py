@@ -26,7 +26,7 @@ import jax
 import ml_collections
 import numpy as np
 import _trainer_testlib as lib
-from big_vision_cxr import checkpointing, optim, sharding, train
+from big_vision_cxr import checkpointing, sharding, train
 from big_vision_cxr.models import common as model_common
 spec = json.loads(sys.argv[1])
 config = ml_collections.ConfigDict(spec["config"])
@@ -36,17 +36,10 @@ if spec["before"] == "train":
 
 # The abstract state on this process's mesh, built as train.train builds it.
 model = model_common.build_model(config)
-init = train.init_params_fn(model, config, None)
-params_shape = jax.eval_shape(init, jax.random.key(0))
-tx, _, _ = optim.make(config, params_shape, total_steps=config.total_steps)
-state_shape = jax.eval_shape(lambda r: {{"step": np.zeros([], np.int32), "params": init(r),
-                                        "opt": tx.init(init(r))}}, jax.random.key(0))
 mesh = sharding.create_mesh(config.mesh)
-shardings = sharding.infer_sharding(state_shape, config.sharding_strategy, mesh)
-abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        state_shape, shardings)
+plan = train.state_plan(config, model, mesh, config.total_steps)
 ckpt = checkpointing.Checkpointer(spec["workdir"], async_save=False)
-state, _ = ckpt.restore(spec["step"], abstract)
+state, _ = ckpt.restore(spec["step"], plan.abstract())
 ckpt.close()
 flat = {{}}
 layout = {{}}
