@@ -83,7 +83,7 @@ def test_real_tbx11k_builds_with_boxes_where_boxes_csv_says(tmp_path, tbx11k_dir
     for ex in exs:
       image_id = ex["image_id"].decode()
       assert ex["image"].shape == (512, 512, 1)
-      boxes = ex["objects"]["bbox"] * 512
+      boxes = np.asarray(ex["objects"]["bbox"], np.float32).reshape(-1, 4) * 512
       assert len(boxes) == len(want[image_id])  # counts equal to the XML
       assert boxes.min() >= 0 and boxes.max() <= 512
       for s, box in want[image_id]:
