@@ -91,30 +91,11 @@ def matmul_tflops(n, calls=10, repeats=3):
 
 
 def gflop_per_example(variant, remat, batch):
-  """The trainer's step on one device, counted as bench.scale_plan counts it: XLA's cost
-  analysis with the layer scans unrolled at depths (img, llm) = (1, 1), (2, 1), (1, 2)
-  (XLA counts a loop body once), extrapolated linearly to the real depths; at batch 1 and
-  2, the step being affine in the batch (the optimizer update is per step)."""
-  from big_vision_cxr import sharding  # pylint: disable=import-outside-toplevel
-  from big_vision_cxr.models import common as model_common  # pylint: disable=import-outside-toplevel
-  mesh = sharding.create_mesh([("data", 1)], devices=jax.devices()[:1])
-  config = lambda b: scale_plan.recipe_config(variant, "paper", remat, "bfloat16", b, 1)
-  depth = model_common.model_config(config(1))
-
-  def flops(d_img, d_llm, b):
-    c = config(b)
-    c.model.img["depth"], c.model.llm["depth"] = d_img, d_llm
-    with scale_plan.unrolled_scans():
-      cost = scale_plan.compile_step(c, mesh)[0].cost_analysis()
-    return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
-
-  def step(b):
-    f11, f21, f12 = flops(1, 1, b), flops(2, 1, b), flops(1, 2, b)
-    return (f11 + (depth["img"]["depth"] - 1) * (f21 - f11)
-            + (depth["llm"]["depth"] - 1) * (f12 - f11))
-
-  f1, f2 = step(1), step(2)
-  return (f1 + (batch - 1) * (f2 - f1)) / batch / 1e9
+  """The paper-recipe step's GFLOP per example, counted as bench.scale_plan counts it
+  (layer scans unrolled at depths 1 and 2, batch 1 and 2, extrapolated)."""
+  option = dict(variant=variant, recipe="paper", remat=remat, dtype="bfloat16",
+                params="float32", microbatches=1)
+  return scale_plan.flops_per_example(option, batch)[0]
 
 
 def start_flops(variant, remat, batch):
