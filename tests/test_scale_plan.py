@@ -33,3 +33,39 @@ def test_quick_plan_is_positive_and_fsdp_shrinks_arguments(tmp_path):
   # the replicated small tensors and the batch shard stay whole.
   assert rows[8]["args_gib"] < rows[1]["args_gib"] / 4, (rows[1]["args_gib"], rows[8]["args_gib"])
   assert rows[8]["alias_gib"] < rows[1]["alias_gib"] / 4
+
+
+
+def _row(devices, batch, peak_gib):
+  return dict(variant="v", recipe="paper", remat="on", dtype="bfloat16", params="float32",
+              microbatches=1, devices=devices, batch_per_device=batch, peak_gib=peak_gib,
+              gflop_per_example=1000.0)
+
+
+def test_summary_takes_the_smallest_mesh_then_the_largest_batch_that_fits():
+  from bench import scale_plan
+  rows = [_row(1, 1, 30.0), _row(1, 4, 60.0), _row(8, 1, 5.0), _row(8, 4, 13.0),
+          _row(8, 16, 40.0), dict(variant="v", devices=32, error="timed out")]
+  (entry,) = scale_plan.summary(rows)
+  # A chip fits a row when its peak is at most 90% of the chip's memory.
+  step = 1000e9 * 4 / (scale_plan.MFU * 197e12)  # GFLOP/example x batch at 40% of 197 TFLOP/s
+  assert entry["TPU v5e"] == f"8x b4 {step:.2g} s {8 * 4 / step:.0f} ex/s"  # 14.4 GiB
+  assert entry["Colab T4"].startswith("8x b4 ")  # 13.5 GiB
+  assert entry["TPU v4"].startswith("8x b4 ")  # 28.8 GiB: 30 GiB on one device does not fit
+  assert entry["A100-40GB"].startswith("1x b1 ")  # 36 GiB
+  assert entry["A100-80GB"].startswith("1x b4 ")  # 72 GiB
+  assert scale_plan.verdicts(_row(1, 1, 127.0))["H200"] == "no"  # 126.9 GiB
+  assert scale_plan.summary([_row(8, 1, 20.0)])[0]["TPU v5e"] == "no (<= 8 devices)"
+
+
+def test_decoding_plan_holds_the_weights_and_a_cache_linear_in_the_batch():
+  from bench import scale_plan
+  one, four = (scale_plan.inference_row("demo", b, prompt_len=8, decode_len=16) for b in (1, 4))
+  assert one["weights_gib"] == four["weights_gib"] > 0
+  # keys and values [B, T, ...] per layer; a few scalars (the write position) do not scale
+  assert four["kv_cache_gib"] == pytest.approx(4 * one["kv_cache_gib"], rel=1e-3)
+  for row in (one, four):  # the bf16 weights are the program's argument; the cache lives inside
+    assert row["weights_gib"] <= row["args_gib"] < 1.1 * row["weights_gib"]
+    assert row["temp_gib"] >= row["kv_cache_gib"]
+    assert row["peak_gib"] == row["args_gib"] + row["out_gib"] + row["temp_gib"]
+  assert four["peak_gib"] > one["peak_gib"]
