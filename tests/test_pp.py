@@ -103,3 +103,45 @@ def test_model_input_refuses_the_wrong_shape():
   with pytest.raises(builder.PPError, match="shape"):
     ops_image.model_input_fn("value_range(-1, 1)", None)(_grey())  # [H, W]: no channels
   assert ops_image.model_input_fn("decode|resize(16)", None)(_grey()).shape == (16, 16, 3)
+
+
+def _tf_resize(image, size, **kw):
+  """The reference: tf.image.resize, then big_vision's round/clip/cast for uint8."""
+  import tensorflow as tf
+  out = tf.image.resize(image, size, **kw).numpy()
+  if image.dtype == np.uint8:
+    out = np.clip(np.round(out), 0, 255)
+  return out.astype(image.dtype)
+
+
+def test_numpy_bilinear_is_bit_identical_to_tf():
+  import tensorflow as tf
+  rng = np.random.default_rng(0)
+  shapes = [((512, 512), (224, 224)), ((224, 224), (224, 224)), ((1, 1), (5, 3)), ((7, 3), (1, 1)),
+            ((300, 451), (224, 224)), ((50, 70), (224, 96)), ((2048, 1700), (224, 224))]
+  shapes += [(tuple(rng.integers(1, 600, 2)), tuple(rng.integers(1, 300, 2))) for _ in range(60)]
+  for i, (in_shape, size) in enumerate(shapes):
+    channels = (1, 3)[i % 2]
+    image = rng.integers(0, 256, (*in_shape, channels), dtype=np.uint8)
+    raw = ops_image._bilinear(image, size)  # pylint: disable=protected-access
+    assert np.array_equal(raw, tf.image.resize(image, size).numpy()), (in_shape, size, channels)
+    got = ops_image.resize(image, size)
+    assert got.dtype == np.uint8 and np.array_equal(got, _tf_resize(image, size)), (in_shape, size)
+    floats = rng.normal(100, 80, (*in_shape, channels)).astype(np.float32)
+    assert np.array_equal(ops_image.resize(floats, size), _tf_resize(floats, size)), (in_shape, size)
+
+
+def test_resize_grey_view_and_dispatch():
+  import tensorflow as tf
+  grey = _grey(1, (300, 200))
+  view = ops_image.to_rgb(grey)  # [H, W, 3] with channel stride 0: resized as one channel
+  got = ops_image.resize(view, 64)
+  assert got.shape == (64, 64, 3) and got.strides[-1] == 0
+  assert np.array_equal(got, _tf_resize(np.repeat(grey[..., None], 3, -1), (64, 64)))
+  # Everything but bilinear without antialias on uint8/float32 stays tf.image.resize.
+  for kw in (dict(antialias=True), dict(method="nearest"), dict(method="bicubic")):
+    assert np.array_equal(ops_image.resize(view, (40, 30), **kw),
+                          _tf_resize(np.repeat(grey[..., None], 3, -1), (40, 30), **kw)), kw
+  doubles = grey[..., None].astype(np.float64) / 7
+  assert np.array_equal(ops_image.resize(doubles, 50),
+                        tf.image.resize(doubles, (50, 50)).numpy().astype(np.float64))

@@ -4,14 +4,16 @@
   [H, W, 3] -> uint8 [H, W, 3]; grey is replicated to 3 channels (big_vision's
   `decode` uses channels=3) as a zero-copy broadcast view, which `resize`
   recognises and resizes as one channel (same result, 3x less work).
-- resize(size, antialias=False, method='bilinear'): `tf.image.resize` (one eager
-  call per image; the input pipeline caches the result), then rounded, clipped
-  and cast back to the input dtype like big_vision.
+- resize(size, antialias=False, method='bilinear'): `tf.image.resize`, then
+  rounded, clipped and cast back to the input dtype like big_vision. The default
+  (bilinear, no antialias) on uint8/float32 is numpy, bit-identical to TF's kernel
+  and faster than an eager call, so the training path never imports TensorFlow.
 - value_range(vmin=-1, vmax=1, in_min=0, in_max=255): linear map to float32.
 
 `model_input_fn(pp_image, image_size)` is the one way a radiograph becomes the
 model's input, in training, evaluation and inference alike.
 """
+import functools
 import io
 import tempfile
 
@@ -57,15 +59,56 @@ def get_decode(key="image"):
   return _decode
 
 
+@functools.lru_cache(maxsize=64)
+def _taps(in_size, out_size, channels):
+  """One axis of TF's ResizeBilinear with half-pixel centres, float32 as TF computes it:
+  lower, upper [out * channels] (flat indices into a row of in_size * channels) and
+  lerp [out * channels] float32."""
+  scale = np.float32(in_size) / np.float32(out_size)
+  x = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
+  floor = np.floor(x)
+  lower = np.maximum(floor, 0).astype(np.intp)
+  upper = np.minimum(np.ceil(x), in_size - 1).astype(np.intp)
+  c = np.arange(channels)
+  flat = lambda i: (i[:, None] * channels + c).ravel()
+  return flat(lower), flat(upper), np.repeat(x - floor, channels)
+
+
+def _bilinear(image, size):
+  """uint8/float32 [H, W, C] -> float32 [h, w, C]: tf.image.resize's default (bilinear,
+  half-pixel centres) with TF's float32 ops in TF's order, so bit-identical: lerp along
+  x within the two source rows, then between them along y."""
+  (h, w), (height, width, c) = size, image.shape
+  if (h, w) == (height, width):
+    return image.astype(np.float32)
+  y0, y1, ly = _taps(height, h, 1)
+  x0, x1, lx = _taps(width, w, c)
+  rows = image.reshape(height, width * c).take(np.concatenate([y0, y1]), axis=0)
+  rows = rows.astype(np.float32)  # [2h, W * C]: the top rows, then the bottom ones
+  left, right = rows.take(x0, axis=1), rows.take(x1, axis=1)  # [2h, w * C]
+  right -= left
+  right *= lx
+  right += left
+  top, bottom = right[:h], right[h:]
+  bottom -= top
+  bottom *= ly[:, None]
+  bottom += top
+  return bottom.reshape(h, w, c)
+
+
 def resize(image, size, antialias=False, method="bilinear"):
-  """[H, W, C] -> [h, w, C] with tf.image.resize, cast back to the input dtype."""
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  if isinstance(size, int):
-    size = (size, size)
+  """[H, W, C] -> [h, w, C] as tf.image.resize (numpy for the default on uint8/float32),
+  cast back to the input dtype."""
+  size = (size, size) if isinstance(size, int) else tuple(int(s) for s in size)
   image = np.asarray(image)
   grey = image.ndim == 3 and image.strides[-1] == 0  # replicated grey: resize one channel
   src = image[..., :1] if grey else image
-  out = tf.image.resize(src, size, method=method, antialias=antialias).numpy()
+  if (method == "bilinear" and not antialias and src.ndim == 3 and min(*size, src.size) > 0
+      and src.dtype in (np.uint8, np.float32)):
+    out = _bilinear(src, size)
+  else:
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    out = tf.image.resize(src, size, method=method, antialias=antialias).numpy()
   if image.dtype == np.uint8:
     out = np.clip(np.round(out), 0, 255)
   out = out.astype(image.dtype)
