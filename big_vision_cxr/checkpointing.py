@@ -63,12 +63,15 @@ def _bit_sum(x):
   return jnp.sum(bits, dtype=jnp.uint32)
 
 
-_bit_sums = jax.jit(lambda leaves: jax.tree.map(_bit_sum, leaves))
+_bit_sum_jit = jax.jit(_bit_sum)
 
 
 def _checksums(flat):
-  """{path: bit sum} of a flat {path: array} dict (computed where the arrays live)."""
-  return {k: int(v) for k, v in jax.device_get(_bit_sums(flat)).items()}
+  """{path: bit sum} of a flat {path: array} dict, computed where the arrays live, one
+  array at a time: XLA may materialise an array's bits before summing them, so at most
+  the largest array's worth of temporaries, not the whole state's."""
+  sums = {k: _bit_sum_jit(v) for k, v in flat.items()}
+  return {k: int(v) for k, v in jax.device_get(sums).items()}
 
 
 def _params_first(path):
