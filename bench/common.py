@@ -59,6 +59,24 @@ def time_fn(fn, repeats=5, warmup=1, min_time_s=0.0):
   return statistics.median(times)
 
 
+def _reset_high_water_mark():
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return _high_water_mark() is not None
+  except OSError:
+    return False
+
+
+def _high_water_mark():
+  """The kernel's peak RSS of this process since the last reset (bytes), or None."""
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) * 1024
+  return None
+
+
 def _rss_bytes():
   with open("/proc/self/statm") as f:
     return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -67,9 +85,11 @@ def _rss_bytes():
 class PeakRSS:
   """Context manager: peak process RSS growth (bytes) above the level at entry.
 
-  Samples /proc/self/statm from a thread every `interval_s`; works for any
-  framework (JAX on CPU, PyTorch CPU) since both allocate in this process.
-  Memory already held at entry (e.g. weights) is not counted.
+  Exact on Linux: the kernel's high-water mark (VmHWM) is reset at entry (writing 5 to
+  /proc/self/clear_refs) and read at exit, so no short-lived peak is missed. Elsewhere it
+  samples /proc/self/statm from a thread every `interval_s`. Works for any framework (JAX
+  on CPU, PyTorch CPU) since both allocate in this process. Memory already held at entry
+  (e.g. weights) is not counted. Not reentrant.
   """
 
   def __init__(self, interval_s=0.002):
@@ -80,8 +100,10 @@ class PeakRSS:
     self._base = _rss_bytes()
     self._peak = self._base
     self._stop = threading.Event()
-    self._thread = threading.Thread(target=self._sample, daemon=True)
-    self._thread.start()
+    self._thread = None
+    if not _reset_high_water_mark():
+      self._thread = threading.Thread(target=self._sample, daemon=True)
+      self._thread.start()
     return self
 
   def _sample(self):
@@ -91,7 +113,10 @@ class PeakRSS:
 
   def __exit__(self, *exc):
     self._stop.set()
-    self._thread.join()
+    if self._thread is None:
+      self._peak = _high_water_mark()
+    else:
+      self._thread.join()
     self._peak = max(self._peak, _rss_bytes())
     self.peak_bytes = self._peak - self._base
     return False

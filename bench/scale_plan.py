@@ -124,7 +124,7 @@ def measure_step(compiled, inputs):
   The first step is measured: the heap pages its temporaries leave are reused by later
   steps (the allocator keeps them), so those grow the RSS by almost nothing.
   """
-  state, batch, rng = inputs()
+  state, batch, rng = jax.block_until_ready(inputs())  # not the state's own init
   live = sum(x.nbytes for x in jax.live_arrays())
   with common.PeakRSS() as peak:
     state, metrics = jax.block_until_ready(compiled(state, batch, rng))
