@@ -7,7 +7,8 @@ An ArrayRecord build (the builder's default) with its record index in the metada
 (`info.metadata['index']`: per split, columns per record in file order) is
 streamed: `read` returns entries without image or objects (`image` None; `meta`
 holds the record's `curation.summary` and where it lies), and `fetch` reads one
-record by index through `tfds.data_source` (opened once per process). Other builds
+record by index through `tfds.data_source` (opened once per process; the PNG decoded
+here, `decode_image`). Other builds
 (TFRecord, no index) or `stream=False` are read whole into memory.
 
 The features are those `tfds_builders/cxr_tb.py` writes (docs/DATA.md, section 5):
@@ -17,10 +18,12 @@ imported only when a dataset is read. A dataset that is not built and an
 unknown split are a `TfdsSourceError`.
 """
 import dataclasses
+import io
 import json
 import pathlib
 
 import numpy as np
+from PIL import Image
 
 from big_vision_cxr import errors
 from big_vision_cxr.data import images, records
@@ -69,9 +72,20 @@ def _stubs(data_dir, split, cols):
       for i in range(len(cols["image_id"]))]
 
 
+def decode_image(png):
+  """A stored PNG -> uint8 [H, W, 1], what tfds decodes for `cxr_tb`'s image feature
+  (PIL), less its copy of 8-bit grey; other modes go through tfds."""
+  with Image.open(io.BytesIO(png)) as im:
+    if im.mode == "L":
+      return np.asarray(im)[..., None]
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  return tfds.features.Image(shape=(None, None, 1), encoding_format="png").decode_example_np(png)
+
+
 def _source(data_dir, split, masks):
-  """tfds.data_source of a split, opened once per process; masks=False leaves the masks
-  undecoded (dropped by `example_to_record`: for tasks that do not use them)."""
+  """tfds.data_source of a split, opened once per process, the image left undecoded
+  (`fetch` decodes it); masks=False leaves the masks undecoded (dropped by
+  `example_to_record`: for tasks that do not use them)."""
   key = (data_dir, split, masks)
   if key not in _SOURCES:
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
@@ -81,7 +95,8 @@ def _source(data_dir, split, masks):
         return serialized
       decode_example_np = decode_batch_example_np = decode_example
 
-    decoders = None if masks else {"objects": {"mask": Undecoded()}}
+    decoders = {"image": Undecoded()} if masks else {"image": Undecoded(),
+                                                     "objects": {"mask": Undecoded()}}
     _SOURCES[key] = tfds.builder_from_directory(data_dir).as_data_source(split, decoders=decoders)
   return _SOURCES[key]
 
@@ -91,7 +106,8 @@ def fetch(stub, masks=True):
   its object masks unless `masks`."""
   data_dir, split, index = stub.meta["stream"]
   try:
-    rec = example_to_record(_source(data_dir, split, masks)[index], split=split)
+    ex = _source(data_dir, split, masks)[index]
+    rec = example_to_record({**ex, "image": decode_image(ex["image"])}, split=split)
   except Exception as e:  # Any failure reading one record is that record's error.
     raise TfdsSourceError(f"{data_dir} split {split} record {index} ({stub.image_id!r}): "
                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
