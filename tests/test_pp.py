@@ -145,3 +145,11 @@ def test_resize_grey_view_and_dispatch():
   doubles = grey[..., None].astype(np.float64) / 7
   assert np.array_equal(ops_image.resize(doubles, 50),
                         tf.image.resize(doubles, (50, 50)).numpy().astype(np.float64))
+
+
+def test_value_range_of_replicated_grey_equals_the_copy():
+  batch = np.random.default_rng(2).integers(0, 256, (3, 9, 7, 1), dtype=np.uint8)
+  view = np.broadcast_to(batch, (3, 9, 7, 3))  # channel stride 0, as ModelInput.finish gives
+  got = ops_image.value_range(view, -1.0, 1.0)
+  want = ops_image.value_range(np.ascontiguousarray(view), -1.0, 1.0)
+  assert got.dtype == np.float32 and got.flags.c_contiguous and got.tobytes() == want.tobytes()

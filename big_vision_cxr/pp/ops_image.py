@@ -126,14 +126,15 @@ def _value_range(x, vmin, vmax, in_min, in_max):
 
 
 def value_range(image, vmin=-1.0, vmax=1.0, in_min=0.0, in_max=255.0):
-  """Linear map to float32; uint8 goes through a 256-entry table (same values, one pass),
-  and replicated grey channels (stride 0) are computed once and then repeated."""
+  """Linear map to float32; uint8 goes through a 256-entry table (same values, one pass);
+  replicated grey channels (stride 0) are looked up once in a table of C-wide rows."""
   image = np.asarray(image)
   if image.dtype != np.uint8:
     return _value_range(image, vmin, vmax, in_min, in_max)
   lut = _value_range(np.arange(256), vmin, vmax, in_min, in_max)
   if image.ndim >= 3 and image.strides[-1] == 0:
-    return np.repeat(lut[image[..., :1]], image.shape[-1], axis=-1)
+    rows = np.ascontiguousarray(np.broadcast_to(lut[:, None], (256, image.shape[-1])))
+    return rows.take(image[..., 0], axis=0)  # [..., C]
   return lut[image]
 
 
