@@ -30,6 +30,7 @@ import ml_collections
 
 from big_vision_cxr import atomic
 from big_vision_cxr import errors
+from big_vision_cxr import host_allocator
 from big_vision_cxr import inference
 from big_vision_cxr import input_pipeline
 from big_vision_cxr import metric_writer
@@ -277,4 +278,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  host_allocator.tune()
   sys.exit(errors.cli_main(main))

@@ -34,6 +34,7 @@ import sys
 from big_vision_cxr import atomic
 from big_vision_cxr import consistency
 from big_vision_cxr import errors
+from big_vision_cxr import host_allocator
 from big_vision_cxr import inference
 from big_vision_cxr.data import images as images_lib
 from big_vision_cxr.data import manifest as manifest_lib
@@ -350,4 +351,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  host_allocator.tune()
   sys.exit(main())

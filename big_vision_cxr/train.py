@@ -23,6 +23,7 @@ from big_vision_cxr import atomic
 from big_vision_cxr import checkpointing
 from big_vision_cxr import config as config_lib
 from big_vision_cxr import errors
+from big_vision_cxr import host_allocator
 from big_vision_cxr import losses
 from big_vision_cxr import metric_writer
 from big_vision_cxr import optim
@@ -435,4 +436,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  host_allocator.tune()
   sys.exit(main())
