@@ -20,9 +20,12 @@ Target: >= 500 examples/s on 2 cores.
 PNG on disk, read and decoded per example), then streamed at 224 px in a fresh
 process per --workers value (grain worker processes): one pass of --n examples
 (first epoch, nothing cached) with the default pp_image at 224 px: examples/s, CPU
-time per example, and the peak RSS of the process (and of its workers) after 5k
-examples and at the end: it must stay flat. Rows also give the ceilings: PNG decode
-alone, and decode + resize, on this machine's cores.
+time per example, and the RSS of the process and of each worker after 5k examples
+and at the end (it must stay flat) and their peaks (VmHWM). The ceiling, PNG
+decode alone and decode + resize(224) with the pipeline's own decoder and resize,
+runs in one process per core at once (--ceiling_s per stage) before the first
+run and after each one, so every run's "vs_ceiling" is against the mean of the
+ceilings just before and after it: the shared machine's load weighs on both alike.
 """
 import argparse
 import csv
@@ -32,7 +35,6 @@ import pathlib
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
@@ -70,23 +72,21 @@ PP_SCALE = "decode|resize(224)|value_range(-1, 1)"  # the default pp_image at 22
 CHECK_AT = 5000  # examples: the first RSS reading compared with the end
 
 
-class _Memory:
-  """Peak RSS (bytes) of this process and of this process plus its children, sampled."""
+def _status_bytes(pid, key):
+  """A /proc/PID/status field in bytes (Linux: VmRSS now, VmHWM its peak)."""
+  with open(f"/proc/{pid}/status") as f:
+    return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key + ":"))
 
-  def __init__(self):
-    import psutil  # pylint: disable=import-outside-toplevel
-    self.proc, self.peak, self.peak_all = psutil.Process(), 0, 0
-    threading.Thread(target=self._run, daemon=True).start()
 
-  def _run(self):
-    while True:
-      try:
-        own = self.proc.memory_info().rss
-        kids = sum(c.memory_info().rss for c in self.proc.children(recursive=True))
-        self.peak, self.peak_all = max(self.peak, own), max(self.peak_all, own + kids)
-      except Exception:  # A worker ending between the two calls: sample again.
-        pass
-      time.sleep(0.05)
+def _memory(proc, key="VmRSS"):
+  """(bytes of this process, [bytes of each live child]) for a /proc status key."""
+  kids = []
+  for child in proc.children(recursive=True):
+    try:
+      kids.append(_status_bytes(child.pid, key))
+    except (OSError, StopIteration):  # A child ending meanwhile.
+      pass
+  return _status_bytes(proc.pid, key), kids
 
 
 def _cpu_seconds(proc):
@@ -96,7 +96,8 @@ def _cpu_seconds(proc):
 
 def stream_once(data_dir, n, workers, bs):
   """One first pass over `n` streamed examples (run in a fresh process): JSON figures."""
-  mem = _Memory()
+  import psutil  # pylint: disable=import-outside-toplevel
+  proc = psutil.Process()
   tok = ops_text.default_tokenizer()
   config = dict(datasets={"scale": dict(source="tfds", name=data_dir)}, tasks=TASKS,
                 split_fractions=(1.0, 0.0, 0.0), text_len=64, pp_image=PP_SCALE,
@@ -104,24 +105,27 @@ def stream_once(data_dir, n, workers, bs):
   config["datasets"]["scale"]["split_map"] = {"val": "train", "test": "train"}
   it = input_pipeline.training(config, batch_size=bs, seed=0, tokenizer=tok)
   next(it)  # start-up (workers spawn and import) is not throughput
-  cpu0 = _cpu_seconds(mem.proc)
+  tf_loaded = "tensorflow" in sys.modules
+  cpu0, load0 = _cpu_seconds(proc), os.getloadavg()[0]
   t0, drawn, at_check, trace = time.perf_counter(), 0, None, []
   check = min(CHECK_AT, n // 10)
   while drawn < n:
     next(it)
     drawn += bs
     if at_check is None and drawn >= check:
-      at_check = (mem.peak, mem.peak_all)
+      at_check = _memory(proc)
     if drawn % (n // 10) < bs:
-      trace.append((drawn, round(mem.peak / 2 ** 20)))
+      own, kids = _memory(proc)
+      trace.append((drawn, round((own + sum(kids)) / 2 ** 20)))
   seconds = time.perf_counter() - t0
-  cpu = _cpu_seconds(mem.proc) - cpu0
-  time.sleep(0.1)
+  cpu = _cpu_seconds(proc) - cpu0
+  (own, kids), (own_peak, kids_peak) = _memory(proc), _memory(proc, "VmHWM")
   it.close()
   return dict(workers=workers, examples=drawn, check_at=check, seconds=seconds,
               examples_per_s=drawn / seconds, cpu_ms_per_example=1e3 * cpu / drawn,
-              rss_5k=at_check[0], rss_end=mem.peak, rss_all_5k=at_check[1],
-              rss_all_end=mem.peak_all, trace=trace, load=os.getloadavg()[0])
+              rss_5k=at_check[0], rss_workers_5k=at_check[1], rss_end=own, rss_workers_end=kids,
+              peak=own_peak, peak_workers=kids_peak, trace=trace, tf_in_main=tf_loaded,
+              load=(load0 + os.getloadavg()[0]) / 2)
 
 
 def build_scale(n, size, distinct, data_dir):
@@ -135,62 +139,82 @@ def build_scale(n, size, distinct, data_dir):
   return str(builder.data_dir), time.perf_counter() - t0
 
 
-def ceilings(data_dir, repeats=200):
-  """Images/s and CPU ms per image on one core of: PNG decode alone, decode + the default
-  resize to 224, and decode + resize with antialias, on stored records (TensorFlow on one
-  thread, as in the pipeline's workers: `scale` sets it before TensorFlow starts)."""
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+def ceiling_once(data_dir, seconds, start_at, count=200):
+  """In one of the ceiling's processes: images/s and CPU ms per image of PNG decode alone,
+  then of decode + resize to 224 (the pipeline's `tfds_source.decode_image` and
+  `ModelInput.stored`), each over `count` stored PNGs in a loop for `seconds`, from
+  `start_at` (time.time()) on, so that the processes run at once."""
+  from big_vision_cxr.data import tfds_source  # pylint: disable=import-outside-toplevel
+  source = tfds_source._source(data_dir, "train", masks=False)  # pylint: disable=protected-access
+  pngs = [source[i]["image"] for i in range(min(count, len(source)))]
+  decode = lambda p: tfds_source.decode_image(p)[..., 0]
+  model_input = ops_image.model_input_fn(PP_SCALE, 224)
+  out = {}
+  for name, fn in (("decode", decode), ("decode_resize", lambda p: model_input.stored(decode(p)))):
+    fn(pngs[0])
+    time.sleep(max(0.0, start_at - time.time()))
+    done, cpu, t0 = 0, time.thread_time(), time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+      for p in pngs:
+        fn(p)
+      done += len(pngs)
+    wall = time.perf_counter() - t0
+    out[name] = done / wall
+    out[f"{name}_cpu_ms"] = 1e3 * (time.thread_time() - cpu) / done
+    start_at = 0.0  # the next stage right away (the processes end this one within a pass)
+  return out
 
-  class Undecoded(tfds.decode.Decoder):
-    def decode_example(self, serialized):
-      return serialized
-    decode_example_np = decode_batch_example_np = decode_example
 
-  builder = tfds.builder_from_directory(data_dir)
-  source = builder.as_data_source("train", decoders={"image": Undecoded(),
-                                                     "objects": {"mask": Undecoded()}})
-  pngs = [source[i]["image"] for i in range(min(repeats, len(source)))]
-  decode = lambda p: builder.info.features["image"].decode_example_np(p)[..., 0]
-  rates, cpu_ms = [], []
-  for pp in (None, PP_SCALE, "decode|resize(224, antialias=True)|value_range(-1, 1)"):
-    model_input = pp and ops_image.model_input_fn(pp, 224)
-    fn = decode if pp is None else (lambda p, m=model_input: m.stored(decode(p)))
-    cpu = time.process_time()
-    rates.append(len(pngs) / common.time_fn(lambda f=fn: [f(p) for p in pngs], repeats=3))
-    cpu_ms.append(1e3 * (time.process_time() - cpu) / (4 * len(pngs)))  # warm-up + 3 repeats
-  return rates, cpu_ms
+def ceiling(data_dir, seconds):
+  """decode and decode + resize, images/s summed over one process per core running at
+  once, with their CPU ms per image and the load: a dict."""
+  cores, load0 = os.cpu_count(), os.getloadavg()[0]
+  start_at = time.time() + 15.0  # after every process has imported and read its PNGs
+  procs = [subprocess.Popen([sys.executable, "-m", "bench.input_bench", "--ceiling_once", data_dir,
+                             "--ceiling_s", str(seconds), "--start_at", str(start_at)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+           for _ in range(cores)]
+  outs = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+  return dict(decode=sum(o["decode"] for o in outs),
+              decode_resize=sum(o["decode_resize"] for o in outs),
+              decode_cpu_ms=float(np.mean([o["decode_cpu_ms"] for o in outs])),
+              decode_resize_cpu_ms=float(np.mean([o["decode_resize_cpu_ms"] for o in outs])),
+              load=(load0 + os.getloadavg()[0]) / 2, processes=cores)
 
 
 def scale(args):
-  os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")  # the ceilings: one core each
-  os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
   bs, workers = args.batch_size, [int(w) for w in args.workers.split(",")]
   with tempfile.TemporaryDirectory() as tmp:
     data_dir, t_build = build_scale(args.n, args.size, args.distinct, args.data_dir or tmp)
     du = sum(f.stat().st_size for f in pathlib.Path(data_dir).iterdir())
-    (dec, dec_resize, dec_antialias), cpu_ms = ceilings(data_dir)
-    runs = []
+    ceilings, runs = [ceiling(data_dir, args.ceiling_s)], []
     for w in workers:
       out = subprocess.run([sys.executable, "-m", "bench.input_bench", "--stream_once", data_dir,
                             "--n", str(args.n), "--workers", str(w), "--batch_size", str(bs)],
                            capture_output=True, text=True, check=True)
       runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-  cores = os.cpu_count()
+      ceilings.append(ceiling(data_dir, args.ceiling_s))
   mb = lambda b: b / 2 ** 20
-  rows = [dict(stage=f"first epoch, {r['workers']} worker(s)", examples_per_s=r["examples_per_s"],
-               rss_mb_5k=mb(r["rss_5k"]), rss_mb_end=mb(r["rss_end"]),
-               rss_mb_with_workers_5k=mb(r["rss_all_5k"]),
-               rss_mb_with_workers_end=mb(r["rss_all_end"]),
-               cpu_ms_per_example=r["cpu_ms_per_example"],
-               vs_target=common.ratio(r["examples_per_s"], TARGET),
-               vs_ceiling=common.ratio(r["examples_per_s"], cores * dec_resize), load=r["load"])
-          for r in runs]
-  rows += [dict(stage=f"ceiling: PNG decode alone x {cores} cores", examples_per_s=cores * dec,
-                cpu_ms_per_example=cpu_ms[0]),
-           dict(stage=f"ceiling: decode + resize(224) x {cores} cores",
-                examples_per_s=cores * dec_resize, cpu_ms_per_example=cpu_ms[1]),
-           dict(stage=f"ceiling: decode + resize(224, antialias=True) x {cores} cores",
-                examples_per_s=cores * dec_antialias, cpu_ms_per_example=cpu_ms[2])]
+  rows = []
+  for i, r in enumerate(runs):
+    ceil = (ceilings[i]["decode_resize"] + ceilings[i + 1]["decode_resize"]) / 2
+    rows.append(dict(
+        stage=f"first epoch, {r['workers']} worker(s)", examples_per_s=r["examples_per_s"],
+        ceiling_per_s=ceil, vs_ceiling=common.ratio(r["examples_per_s"], ceil),
+        vs_target=common.ratio(r["examples_per_s"], TARGET),
+        cpu_ms_per_example=r["cpu_ms_per_example"],
+        rss_mb_5k=mb(r["rss_5k"]), rss_mb_end=mb(r["rss_end"]), peak_mb=mb(r["peak"]),
+        worker_rss_mb_5k=mb(max(r["rss_workers_5k"], default=0)),
+        worker_rss_mb_end=mb(max(r["rss_workers_end"], default=0)),
+        worker_peak_mb=mb(max(r["peak_workers"], default=0)), load=r["load"]))
+  for i, c in enumerate(ceilings):
+    when = "before the first run" if i == 0 else f"after the {runs[i - 1]['workers']}-worker run"
+    rows.append(dict(stage=f"ceiling {i} ({when}): decode + resize(224) x {c['processes']}",
+                     examples_per_s=c["decode_resize"], cpu_ms_per_example=c["decode_resize_cpu_ms"],
+                     load=c["load"]))
+    rows.append(dict(stage=f"ceiling {i}: PNG decode alone x {c['processes']}",
+                     examples_per_s=c["decode"], cpu_ms_per_example=c["decode_cpu_ms"],
+                     load=c["load"]))
   common.report(
       f"input pipeline at scale: {args.n} phantom records at {args.size} px (ArrayRecord) "
       "-> 224 px",
@@ -199,14 +223,15 @@ def scale(args):
              "distinct pictures; every record stores and decodes its own PNG). The file was just "
              "written, so reads come mostly from the page cache.",
              f"One pass of {args.n} examples per row, batch {bs}, tasks {', '.join(TASKS)}; "
-             f"RSS: peaks after {runs[0]['check_at']} examples and at the end; the trace (examples, "
-             f"peak MB of the process) of each run: {[r['trace'] for r in runs]}.",
-             f"Target {TARGET:.0f} examples/s; vs_ceiling: against decode + resize on all cores. "
-             "CPU ms: user + system of the process and its workers per example (the ceilings' "
-             "include TensorFlow's idle-spinning threads, so compare their wall rates)."],
-      extra=dict(runs=runs, build_s=t_build, disk_bytes=du, decode_per_s_1core=dec,
-                 ceiling_cpu_ms=cpu_ms,
-                 decode_resize_per_s_1core=dec_resize, decode_antialias_per_s_1core=dec_antialias))
+             f"RSS (MB) after {runs[0]['check_at']} examples and at the end, peaks (VmHWM); "
+             "worker_*: the largest worker; the trace (examples, MB of the process and its "
+             f"workers) of each run: {[r['trace'] for r in runs]}. TensorFlow imported by "
+             f"the main process: {[r['tf_in_main'] for r in runs]}.",
+             f"Target {TARGET:.0f} examples/s; vs_ceiling: against the mean of the decode + "
+             "resize ceilings measured just before and after that run (one process per core, "
+             f"{args.ceiling_s:g} s per stage). CPU ms: user + system of the process and its "
+             "workers per example; the ceilings': CPU per image in each process."],
+      extra=dict(runs=runs, ceilings=ceilings, build_s=t_build, disk_bytes=du))
 
 
 def main():
@@ -219,8 +244,15 @@ def main():
   parser.add_argument("--workers", default="0,1,2")
   parser.add_argument("--data_dir", default=None, help="build the scale dataset here and keep it "
                       "(a second run reuses it); default: a temporary folder")
+  parser.add_argument("--ceiling_s", type=float, default=10.0,
+                      help="seconds per stage of each ceiling measurement")
   parser.add_argument("--stream_once", metavar="DIR", help=argparse.SUPPRESS)
+  parser.add_argument("--ceiling_once", metavar="DIR", help=argparse.SUPPRESS)
+  parser.add_argument("--start_at", type=float, default=0.0, help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if args.ceiling_once:
+    print(json.dumps(ceiling_once(args.ceiling_once, args.ceiling_s, args.start_at)))
+    return
   if args.stream_once:
     print(json.dumps(stream_once(args.stream_once, args.n, int(args.workers), args.batch_size)))
     return
@@ -233,7 +265,7 @@ def main():
     ds, data_note = datasets(args.quick, tmp)
     config = dict(datasets=ds, tasks=TASKS, split_fractions=(1.0, 0.0, 0.0), text_len=64,
                   pp_image="decode|resize(224, antialias=True)|value_range(-1, 1)")
-    ops_image.resize(np.zeros((8, 8, 1), np.uint8), 4)  # import TensorFlow before timing
+    ops_image.resize(np.zeros((8, 8, 1), np.uint8), 4, antialias=True)  # import TF first
     t0 = time.perf_counter()
     recs = {name: input_pipeline.load_records(name, cfg)[0] for name, cfg in ds.items()}
     t_read = time.perf_counter() - t0
