@@ -237,8 +237,9 @@ def mixture_weights(sizes, weights):
 
 
 def _worker_init(worker_index, worker_count):
-  """In each grain worker: one TensorFlow thread (tf.image.resize; the workers are the
-  parallelism), and end with the trainer, even when it is SIGKILLed (Linux)."""
+  """In each grain worker: one TensorFlow thread should a pp_image use tf.image.resize
+  (antialias, other methods; the default resize is numpy and imports no TensorFlow; the
+  workers are the parallelism), and end with the trainer, even when it is SIGKILLed (Linux)."""
   del worker_index, worker_count
   os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
   os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
