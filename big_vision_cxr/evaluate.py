@@ -278,5 +278,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  host_allocator.tune()
+  host_allocator.reexec()
   sys.exit(errors.cli_main(main))

@@ -351,5 +351,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  host_allocator.tune()
+  host_allocator.reexec()
   sys.exit(main())
