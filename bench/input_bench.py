@@ -89,6 +89,33 @@ def _memory(proc, key="VmRSS"):
   return _status_bytes(proc.pid, key), kids
 
 
+def _faults(proc):
+  """Minor page faults of `proc` and its live children so far (Linux /proc/PID/stat)."""
+  total = 0
+  for p in [proc] + proc.children(recursive=True):
+    try:
+      with open(f"/proc/{p.pid}/stat") as f:
+        total += int(f.read().rsplit(")", 1)[1].split()[7])
+    except OSError:  # A child ending meanwhile.
+      pass
+  return total
+
+
+def _keep_heap():
+  """glibc: large blocks from the heap, never trimmed. A small process decoding and
+  resizing in a loop otherwise gets its buffers' pages back from the kernel every image
+  (~470 minor faults, ~0.8 ms), which the pipeline's processes do not (see the runs'
+  faults per example), so the ceiling would be low for a reason the pipeline lacks."""
+  import ctypes  # pylint: disable=import-outside-toplevel
+  try:
+    mallopt = ctypes.CDLL(None).mallopt
+  except (OSError, AttributeError):  # Not glibc.
+    return
+  mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+  mallopt(-4, 0)  # M_MMAP_MAX
+  mallopt(-1, -1)  # M_TRIM_THRESHOLD
+
+
 def _cpu_seconds(proc):
   """User + system CPU seconds of `proc` and its live children (grain workers)."""
   return sum(sum(p.cpu_times()[:2]) for p in [proc] + proc.children(recursive=True))
@@ -106,7 +133,7 @@ def stream_once(data_dir, n, workers, bs):
   it = input_pipeline.training(config, batch_size=bs, seed=0, tokenizer=tok)
   next(it)  # start-up (workers spawn and import) is not throughput
   tf_loaded = "tensorflow" in sys.modules
-  cpu0, load0 = _cpu_seconds(proc), os.getloadavg()[0]
+  cpu0, faults0, load0 = _cpu_seconds(proc), _faults(proc), os.getloadavg()[0]
   t0, drawn, at_check, trace = time.perf_counter(), 0, None, []
   check = min(CHECK_AT, n // 10)
   while drawn < n:
@@ -118,12 +145,12 @@ def stream_once(data_dir, n, workers, bs):
       own, kids = _memory(proc)
       trace.append((drawn, round((own + sum(kids)) / 2 ** 20)))
   seconds = time.perf_counter() - t0
-  cpu = _cpu_seconds(proc) - cpu0
+  cpu, faults = _cpu_seconds(proc) - cpu0, _faults(proc) - faults0
   (own, kids), (own_peak, kids_peak) = _memory(proc), _memory(proc, "VmHWM")
   it.close()
   return dict(workers=workers, examples=drawn, check_at=check, seconds=seconds,
               examples_per_s=drawn / seconds, cpu_ms_per_example=1e3 * cpu / drawn,
-              rss_5k=at_check[0], rss_workers_5k=at_check[1], rss_end=own, rss_workers_end=kids,
+              faults_per_example=faults / drawn, rss_5k=at_check[0], rss_workers_5k=at_check[1], rss_end=own, rss_workers_end=kids,
               peak=own_peak, peak_workers=kids_peak, trace=trace, tf_in_main=tf_loaded,
               load=(load0 + os.getloadavg()[0]) / 2)
 
@@ -144,7 +171,9 @@ def ceiling_once(data_dir, seconds, start_at, count=200):
   then of decode + resize to 224 (the pipeline's `tfds_source.decode_image` and
   `ModelInput.stored`), each over `count` stored PNGs in a loop for `seconds`, from
   `start_at` (time.time()) on, so that the processes run at once."""
+  import resource  # pylint: disable=import-outside-toplevel
   from big_vision_cxr.data import tfds_source  # pylint: disable=import-outside-toplevel
+  _keep_heap()
   source = tfds_source._source(data_dir, "train", masks=False)  # pylint: disable=protected-access
   pngs = [source[i]["image"] for i in range(min(count, len(source)))]
   decode = lambda p: tfds_source.decode_image(p)[..., 0]
@@ -154,6 +183,7 @@ def ceiling_once(data_dir, seconds, start_at, count=200):
     fn(pngs[0])
     time.sleep(max(0.0, start_at - time.time()))
     done, cpu, t0 = 0, time.thread_time(), time.perf_counter()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     while time.perf_counter() - t0 < seconds:
       for p in pngs:
         fn(p)
@@ -161,6 +191,7 @@ def ceiling_once(data_dir, seconds, start_at, count=200):
     wall = time.perf_counter() - t0
     out[name] = done / wall
     out[f"{name}_cpu_ms"] = 1e3 * (time.thread_time() - cpu) / done
+    out[f"{name}_faults"] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / done
     start_at = 0.0  # the next stage right away (the processes end this one within a pass)
   return out
 
@@ -179,6 +210,7 @@ def ceiling(data_dir, seconds):
               decode_resize=sum(o["decode_resize"] for o in outs),
               decode_cpu_ms=float(np.mean([o["decode_cpu_ms"] for o in outs])),
               decode_resize_cpu_ms=float(np.mean([o["decode_resize_cpu_ms"] for o in outs])),
+              decode_resize_faults=float(np.mean([o["decode_resize_faults"] for o in outs])),
               load=(load0 + os.getloadavg()[0]) / 2, processes=cores)
 
 
@@ -202,7 +234,7 @@ def scale(args):
         stage=f"first epoch, {r['workers']} worker(s)", examples_per_s=r["examples_per_s"],
         ceiling_per_s=ceil, vs_ceiling=common.ratio(r["examples_per_s"], ceil),
         vs_target=common.ratio(r["examples_per_s"], TARGET),
-        cpu_ms_per_example=r["cpu_ms_per_example"],
+        cpu_ms_per_example=r["cpu_ms_per_example"], faults_per_example=r["faults_per_example"],
         rss_mb_5k=mb(r["rss_5k"]), rss_mb_end=mb(r["rss_end"]), peak_mb=mb(r["peak"]),
         worker_rss_mb_5k=mb(max(r["rss_workers_5k"], default=0)),
         worker_rss_mb_end=mb(max(r["rss_workers_end"], default=0)),
@@ -211,7 +243,7 @@ def scale(args):
     when = "before the first run" if i == 0 else f"after the {runs[i - 1]['workers']}-worker run"
     rows.append(dict(stage=f"ceiling {i} ({when}): decode + resize(224) x {c['processes']}",
                      examples_per_s=c["decode_resize"], cpu_ms_per_example=c["decode_resize_cpu_ms"],
-                     load=c["load"]))
+                     faults_per_example=c["decode_resize_faults"], load=c["load"]))
     rows.append(dict(stage=f"ceiling {i}: PNG decode alone x {c['processes']}",
                      examples_per_s=c["decode"], cpu_ms_per_example=c["decode_cpu_ms"],
                      load=c["load"]))
@@ -229,8 +261,9 @@ def scale(args):
              f"the main process: {[r['tf_in_main'] for r in runs]}.",
              f"Target {TARGET:.0f} examples/s; vs_ceiling: against the mean of the decode + "
              "resize ceilings measured just before and after that run (one process per core, "
-             f"{args.ceiling_s:g} s per stage). CPU ms: user + system of the process and its "
-             "workers per example; the ceilings': CPU per image in each process."],
+             f"{args.ceiling_s:g} s per stage, glibc's heap kept: `_keep_heap`). CPU ms: user + "
+             "system of the process and its workers per example; the ceilings': CPU per image "
+             "in each process; faults: minor page faults per example."],
       extra=dict(runs=runs, ceilings=ceilings, build_s=t_build, disk_bytes=du))
 
 
