@@ -40,7 +40,7 @@ import time
 import numpy as np
 
 from bench import common
-from big_vision_cxr import input_pipeline
+from big_vision_cxr import host_allocator, input_pipeline
 from big_vision_cxr.pp import ops_image, ops_text
 
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -196,14 +196,14 @@ def ceiling_once(data_dir, seconds, start_at, count=200):
   return out
 
 
-def ceiling(data_dir, seconds):
+def ceiling(data_dir, seconds, env):
   """decode and decode + resize, images/s summed over one process per core running at
   once, with their CPU ms per image and the load: a dict."""
   cores, load0 = os.cpu_count(), os.getloadavg()[0]
   start_at = time.time() + 15.0  # after every process has imported and read its PNGs
   procs = [subprocess.Popen([sys.executable, "-m", "bench.input_bench", "--ceiling_once", data_dir,
                              "--ceiling_s", str(seconds), "--start_at", str(start_at)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
            for _ in range(cores)]
   outs = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
   return dict(decode=sum(o["decode"] for o in outs),
@@ -219,13 +219,14 @@ def scale(args):
   with tempfile.TemporaryDirectory() as tmp:
     data_dir, t_build = build_scale(args.n, args.size, args.distinct, args.data_dir or tmp)
     du = sum(f.stat().st_size for f in pathlib.Path(data_dir).iterdir())
-    ceilings, runs = [ceiling(data_dir, args.ceiling_s)], []
+    env = host_allocator.environment()  # glibc's settings as the trainer runs (None: as is)
+    ceilings, runs = [ceiling(data_dir, args.ceiling_s, env)], []
     for w in workers:
       out = subprocess.run([sys.executable, "-m", "bench.input_bench", "--stream_once", data_dir,
                             "--n", str(args.n), "--workers", str(w), "--batch_size", str(bs)],
-                           capture_output=True, text=True, check=True)
+                           capture_output=True, text=True, check=True, env=env)
       runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-      ceilings.append(ceiling(data_dir, args.ceiling_s))
+      ceilings.append(ceiling(data_dir, args.ceiling_s, env))
   mb = lambda b: b / 2 ** 20
   rows = []
   for i, r in enumerate(runs):
@@ -258,7 +259,8 @@ def scale(args):
              f"RSS (MB) after {runs[0]['check_at']} examples and at the end, peaks (VmHWM); "
              "worker_*: the largest worker; the trace (examples, MB of the process and its "
              f"workers) of each run: {[r['trace'] for r in runs]}. TensorFlow imported by "
-             f"the main process: {[r['tf_in_main'] for r in runs]}.",
+             f"the main process: {[r['tf_in_main'] for r in runs]}. Every process runs with "
+             f"the trainer's malloc settings (host_allocator): {env is not None}.",
              f"Target {TARGET:.0f} examples/s; vs_ceiling: against the mean of the decode + "
              "resize ceilings measured just before and after that run (one process per core, "
              f"{args.ceiling_s:g} s per stage, glibc's heap kept: `_keep_heap`). CPU ms: user + "
