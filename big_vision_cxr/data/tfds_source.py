@@ -7,9 +7,10 @@ An ArrayRecord build (the builder's default) with its record index in the metada
 (`info.metadata['index']`: per split, columns per record in file order) is
 streamed: `read` returns entries without image or objects (`image` None; `meta`
 holds the record's `curation.summary` and where it lies), and `fetch` reads one
-record by index through `tfds.data_source` (opened once per process; the PNG decoded
-here, `decode_image`). Other builds
-(TFRecord, no index) or `stream=False` are read whole into memory.
+record by index from the split's ArrayRecord files (opened once per process), parses
+its tf.train.Example itself (`_Parsed`, the same values as tfds' decoding) and decodes
+its PNG (`decode_image`). Other builds (TFRecord, no index) or `stream=False` are read
+whole into memory through tfds.
 
 The features are those `tfds_builders/cxr_tb.py` writes (docs/DATA.md, section 5):
 ClassLabels back to names, '' back to None, a 1x1 mask where `masks_known` is
@@ -59,7 +60,7 @@ def example_to_record(ex, split=None):
       split=split, meta=dict(findings=json.loads(_str(ex["findings"])))))
 
 
-_SOURCES = {}  # (dataset dir, split) -> tfds data source, per process
+_SOURCES = {}  # (dataset dir, split, masks) -> _Parsed, per process
 
 
 def _stubs(data_dir, split, cols):
@@ -82,22 +83,51 @@ def decode_image(png):
   return tfds.features.Image(shape=(None, None, 1), encoding_format="png").decode_example_np(png)
 
 
+class _Parsed:
+  """One split of an ArrayRecord build, record i parsed straight from its tf.train.Example
+  into what `example_to_record` reads of cxr_tb's features (as tfds' numpy decoding
+  gives them), the image left as PNG bytes and the masks decoded only when asked
+  (`masks` and known). tfds' generic per-feature decoding cost as much as reading the
+  record and more than curating and tokenising it."""
+
+  def __init__(self, data_dir, split, masks):
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=import-outside-toplevel
+    self._raw = tfds.builder_from_directory(data_dir).as_data_source(split).data_source
+    self._example, self._masks = tf_example_pb2.Example, masks
+
+  def __len__(self):
+    return len(self._raw)
+
+  def __getitem__(self, index):
+    features = self._example.FromString(self._raw[index]).features.feature
+
+    def values(key):
+      kind = features[key].WhichOneof("kind")
+      return list(getattr(features[key], kind).value) if kind else []
+
+    masks_known = bool(values("masks_known")[0])
+    mask = values("objects/mask")
+    if self._masks and masks_known:
+      mask = [decode_image(m) for m in mask]
+    one = lambda key: values(key)[0]
+    return {
+        "image": one("image"), "image_id": one("image_id"), "patient_id": one("patient_id"),
+        "source": one("source"), "label": one("label"), "masks_known": masks_known,
+        "objects": {"bbox": np.asarray(values("objects/bbox"), np.float32).reshape(-1, 4),
+                    "label": values("objects/label"), "mask": mask,
+                    **{k: values(f"objects/{k}") for k in ("lung", "zone", "kind")}},
+        "report": one("report"), "findings": one("findings"),
+        "qa": {k: values(f"qa/{k}") for k in ("question", "answer", "type")}}
+
+
 def _source(data_dir, split, masks):
-  """tfds.data_source of a split, opened once per process, the image left undecoded
-  (`fetch` decodes it); masks=False leaves the masks undecoded (dropped by
+  """A split's records by index (`_Parsed`: the image as PNG bytes, which `fetch`
+  decodes), opened once per process; masks=False leaves the masks undecoded (dropped by
   `example_to_record`: for tasks that do not use them)."""
   key = (data_dir, split, masks)
   if key not in _SOURCES:
-    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-
-    class Undecoded(tfds.decode.Decoder):
-      def decode_example(self, serialized):
-        return serialized
-      decode_example_np = decode_batch_example_np = decode_example
-
-    decoders = {"image": Undecoded()} if masks else {"image": Undecoded(),
-                                                     "objects": {"mask": Undecoded()}}
-    _SOURCES[key] = tfds.builder_from_directory(data_dir).as_data_source(split, decoders=decoders)
+    _SOURCES[key] = _Parsed(data_dir, split, masks)
   return _SOURCES[key]
 
 
