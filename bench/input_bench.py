@@ -151,7 +151,8 @@ def stream_once(data_dir, n, workers, bs):
   return dict(workers=workers, examples=drawn, check_at=check, seconds=seconds,
               examples_per_s=drawn / seconds, cpu_ms_per_example=1e3 * cpu / drawn,
               faults_per_example=faults / drawn, rss_5k=at_check[0], rss_workers_5k=at_check[1],
-              rss_end=own, rss_workers_end=kids, peak=own_peak, peak_workers=kids_peak, trace=trace, tf_in_main=tf_loaded,
+              rss_end=own, rss_workers_end=kids, peak=own_peak, peak_workers=kids_peak,
+              trace=trace, tf_in_main=tf_loaded,
               load=(load0 + os.getloadavg()[0]) / 2)
 
 
