@@ -21,9 +21,17 @@ at depths (img, llm) = (1, 1), (2, 1), (1, 2) and extrapolated to the real depth
 counts a loop body once). MFU = gflop_step / step time / peak, the peak being the best
 FLOP/s of a 2048^3 float32 jitted matmul timed between the steps of the same row.
 --profile adds a table of where our step's time goes (its jitted parts timed alone).
+--allocators: our step (batch 2, text 64) under each glibc malloc setting of ALLOCATORS,
+each in a fresh process (settings act at start-up), the settings interleaved round by
+round: minor page faults, kernel and user CPU seconds and wall seconds per step (medians).
 """
+import argparse
+import json
 import os
+import subprocess
+import sys
 import tempfile
+import time
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +41,7 @@ import numpy as np
 from bench import common
 from bench import model_bench
 from bench import scale_plan
+from big_vision_cxr import host_allocator
 from big_vision_cxr import losses
 from big_vision_cxr import optim
 from big_vision_cxr import train
@@ -250,13 +259,78 @@ def kernel_time(fn, repeats):
           (after.ru_minflt - before.ru_minflt) / repeats)
 
 
+# name: GLIBC_TUNABLES of the process (glibc reads it at start-up only).
+ALLOCATORS = {
+    "glibc defaults": None,
+    "glibc.malloc.hugetlb=1": "glibc.malloc.hugetlb=1",
+    "host_allocator.TUNABLES (the CLIs restart with them)": host_allocator.TUNABLES,
+    "host_allocator.TUNABLES + glibc.malloc.hugetlb=1":
+        host_allocator.TUNABLES + ":glibc.malloc.hugetlb=1",
+}
+
+
+def allocator_probe(name, variant, batch=2, text_len=64, repeats=3, warmup=6):
+  """Per-step figures of our step in this process, after `warmup` steps (a heap that keeps
+  freed blocks grows for 3-6 steps before it reuses them all)."""
+  import resource  # pylint: disable=import-outside-toplevel
+  cfg = pg.get_config(variant)
+  ours = Ours(variant, model_bench.random_params(pg.Model(**cfg), cfg.img.image_size))
+  data = make_batch(batch, cfg.img.image_size, text_len)
+  ours.reset()
+  for _ in range(warmup):
+    ours.step(data)
+  before, seconds = resource.getrusage(resource.RUSAGE_SELF), []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    ours.step(data)
+    seconds.append(time.perf_counter() - start)
+  after = resource.getrusage(resource.RUSAGE_SELF)
+  return dict(allocator=name, step_s=float(np.median(seconds)),
+              minor_faults_per_step=(after.ru_minflt - before.ru_minflt) / repeats,
+              kernel_s_per_step=(after.ru_stime - before.ru_stime) / repeats,
+              user_s_per_step=(after.ru_utime - before.ru_utime) / repeats,
+              max_rss_gb=after.ru_maxrss / 2**20)
+
+
+def allocator_rows(variant, rounds, repeats):
+  """ALLOCATORS each in a fresh process, interleaved `rounds` times; medians per setting."""
+  runs = {name: [] for name in ALLOCATORS}
+  for _ in range(rounds):
+    for name, tunables in ALLOCATORS.items():
+      env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+      env.update({"GLIBC_TUNABLES": tunables} if tunables else {})
+      out = subprocess.run(
+          [sys.executable, "-m", "bench.train_bench", "--allocator_probe", name, "--configs",
+           variant, "--repeats", str(repeats)], env=env, check=True, capture_output=True,
+          text=True).stdout
+      runs[name].append(json.loads(out.strip().splitlines()[-1]))
+      print(runs[name][-1], flush=True)
+  keys = ["step_s", "minor_faults_per_step", "kernel_s_per_step", "user_s_per_step", "max_rss_gb"]
+  return [dict(allocator=name, config=variant,
+               **{k: float(np.median([r[k] for r in rs])) for k in keys}) for name, rs in runs.items()]
+
+
 def main(argv=None):
   parser = common.arg_parser(__doc__.split("\n\n")[0])
   parser.add_argument("--configs", default=None, help="paligemma variants (default bench_100m; "
                                                       "--quick: tiny)")
   parser.add_argument("--repeats", type=int, default=None)
   parser.add_argument("--profile", action="store_true", help="also time our step's parts")
+  parser.add_argument("--allocators", type=int, metavar="ROUNDS",
+                      help="only compare the malloc settings (ALLOCATORS), ROUNDS rounds")
+  parser.add_argument("--allocator_probe", choices=ALLOCATORS, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  variant = args.configs or ("tiny" if args.quick else "bench_100m")
+  if args.allocator_probe:
+    print(json.dumps(allocator_probe(args.allocator_probe, variant, repeats=args.repeats or 3)))
+    return
+  if args.allocators:
+    rows = allocator_rows(variant, args.allocators, args.repeats or 3)
+    common.report("Train bench: our step (batch 2, text 64) under each malloc setting", rows, args,
+                  notes=["Each setting in a fresh process; minor faults and CPU times from "
+                         "getrusage over the repeats after 6 warm-up steps, step_s their median; "
+                         "medians over the rounds (settings interleaved)."])
+    return
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
   transformers.logging.set_verbosity_error()
@@ -266,7 +340,7 @@ def main(argv=None):
   shapes = ([(2, 32), (4, 32)] if args.quick else
             [(1, 64), (2, 64), (4, 64), (8, 64), (2, 32), (2, 128), (2, 256)])
   rows, profile_rows = [], []
-  for name in (args.configs or ("tiny" if args.quick else "bench_100m")).split(","):
+  for name in variant.split(","):
     cfg = pg.get_config(name)
     model = pg.Model(**cfg)
     params = model_bench.random_params(model, cfg.img.image_size)
