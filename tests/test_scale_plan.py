@@ -62,10 +62,15 @@ def test_decoding_plan_holds_the_weights_and_a_cache_linear_in_the_batch():
   from bench import scale_plan
   one, four = (scale_plan.inference_row("demo", b, prompt_len=8, decode_len=16) for b in (1, 4))
   assert one["weights_gib"] == four["weights_gib"] > 0
+  assert one["prepared_gib"] == four["prepared_gib"] >= one["weights_gib"]
   # keys and values [B, T, ...] per layer; a few scalars (the write position) do not scale
   assert four["kv_cache_gib"] == pytest.approx(4 * one["kv_cache_gib"], rel=1e-3)
-  for row in (one, four):  # the bf16 weights are the program's argument; the cache lives inside
-    assert row["weights_gib"] <= row["args_gib"] < 1.1 * row["weights_gib"]
+  for row in (one, four):  # the prepared weights are the program's argument; the cache inside
+    assert row["args_gib"] <= row["prepared_gib"] * 1.1
     assert row["temp_gib"] >= row["kv_cache_gib"]
-    assert row["peak_gib"] == row["args_gib"] + row["out_gib"] + row["temp_gib"]
-  assert four["peak_gib"] > one["peak_gib"]
+    assert row["f32_temp_gib"] >= 2 * row["kv_cache_gib"]  # the f32 program's cache is f32
+    assert row["peak_gib"] == (row["weights_gib"] + row["args_gib"] + row["out_gib"]
+                               + row["temp_gib"])
+    assert row["accel_peak_gib"] == (row["weights_gib"] + row["prepared_gib"] + row["out_gib"]
+                                     + row["f32_temp_gib"])
+  assert four["accel_peak_gib"] > one["accel_peak_gib"]
