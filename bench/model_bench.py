@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import common
+from big_vision_cxr import host_allocator
 from big_vision_cxr import decode
 from big_vision_cxr import hf_interop
 from big_vision_cxr.models import paligemma as pg
@@ -216,4 +217,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  host_allocator.reexec()  # both sides run with the CLIs' malloc settings
   main()

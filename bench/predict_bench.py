@@ -33,6 +33,7 @@ import numpy as np
 from sentencepiece import sentencepiece_model_pb2 as sp_pb
 
 from bench import common
+from big_vision_cxr import host_allocator
 from big_vision_cxr import npz
 from big_vision_cxr import inference
 from big_vision_cxr import predict
@@ -197,4 +198,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  host_allocator.reexec()  # both sides run with the CLIs' malloc settings
   main()

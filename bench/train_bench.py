@@ -298,7 +298,7 @@ def allocator_rows(variant, rounds, repeats):
   for _ in range(rounds):
     for name, tunables in ALLOCATORS.items():
       env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-      env.update({"GLIBC_TUNABLES": tunables} if tunables else {})
+      env.update({"GLIBC_TUNABLES": tunables} if tunables else {host_allocator.OPT_OUT: "default"})
       out = subprocess.run(
           [sys.executable, "-m", "bench.train_bench", "--allocator_probe", name, "--configs",
            variant, "--repeats", str(repeats)], env=env, check=True, capture_output=True,
@@ -382,4 +382,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  host_allocator.reexec()  # both sides run with the CLIs' malloc settings
   main()
