@@ -90,15 +90,18 @@ def _memory(proc, key="VmRSS"):
 
 
 def _faults(proc):
-  """Minor page faults of `proc` and its live children so far (Linux /proc/PID/stat)."""
-  total = 0
+  """(minor page faults, bytes read from storage, not the page cache) of `proc` and its
+  live children so far (Linux /proc/PID/stat and io)."""
+  faults = disk = 0
   for p in [proc] + proc.children(recursive=True):
     try:
       with open(f"/proc/{p.pid}/stat") as f:
-        total += int(f.read().rsplit(")", 1)[1].split()[7])
-    except OSError:  # A child ending meanwhile.
+        faults += int(f.read().rsplit(")", 1)[1].split()[7])
+      with open(f"/proc/{p.pid}/io") as f:
+        disk += next(int(l.split()[1]) for l in f if l.startswith("read_bytes:"))
+    except (OSError, StopIteration):  # A child ending meanwhile.
       pass
-  return total
+  return faults, disk
 
 
 def _keep_heap():
@@ -145,12 +148,12 @@ def stream_once(data_dir, n, workers, bs):
       own, kids = _memory(proc)
       trace.append((drawn, round((own + sum(kids)) / 2 ** 20)))
   seconds = time.perf_counter() - t0
-  cpu, faults = _cpu_seconds(proc) - cpu0, _faults(proc) - faults0
+  cpu, (faults, disk) = _cpu_seconds(proc) - cpu0, np.subtract(_faults(proc), faults0)
   (own, kids), (own_peak, kids_peak) = _memory(proc), _memory(proc, "VmHWM")
   it.close()
   return dict(workers=workers, examples=drawn, check_at=check, seconds=seconds,
               examples_per_s=drawn / seconds, cpu_ms_per_example=1e3 * cpu / drawn,
-              faults_per_example=faults / drawn, rss_5k=at_check[0], rss_workers_5k=at_check[1],
+              faults_per_example=faults / drawn, disk_kb_per_example=disk / 1024 / drawn, rss_5k=at_check[0], rss_workers_5k=at_check[1],
               rss_end=own, rss_workers_end=kids, peak=own_peak, peak_workers=kids_peak,
               trace=trace, tf_in_main=tf_loaded,
               load=(load0 + os.getloadavg()[0]) / 2)
@@ -237,6 +240,7 @@ def scale(args):
         ceiling_per_s=ceil, vs_ceiling=common.ratio(r["examples_per_s"], ceil),
         vs_target=common.ratio(r["examples_per_s"], TARGET),
         cpu_ms_per_example=r["cpu_ms_per_example"], faults_per_example=r["faults_per_example"],
+        disk_kb_per_example=r["disk_kb_per_example"],
         rss_mb_5k=mb(r["rss_5k"]), rss_mb_end=mb(r["rss_end"]), peak_mb=mb(r["peak"]),
         worker_rss_mb_5k=mb(max(r["rss_workers_5k"], default=0)),
         worker_rss_mb_end=mb(max(r["rss_workers_end"], default=0)),
@@ -266,7 +270,8 @@ def scale(args):
              "resize ceilings measured just before and after that run (one process per core, "
              f"{args.ceiling_s:g} s per stage, glibc's heap kept: `_keep_heap`). CPU ms: user + "
              "system of the process and its workers per example; the ceilings': CPU per image "
-             "in each process; faults: minor page faults per example."],
+             "in each process; faults: minor page faults per example; disk_kb: read from "
+             "storage (not the page cache) per example."],
       extra=dict(runs=runs, ceilings=ceilings, build_s=t_build, disk_bytes=du))
 
 
