@@ -69,9 +69,10 @@ _bit_sum_jit = jax.jit(_bit_sum)
 def _checksums(flat):
   """{path: bit sum} of a flat {path: array} dict, computed where the arrays live, one
   array at a time: XLA may materialise an array's bits before summing them, so at most
-  the largest array's worth of temporaries, not the whole state's."""
-  sums = {k: _bit_sum_jit(v) for k, v in flat.items()}
-  return {k: int(v) for k, v in jax.device_get(sums).items()}
+  the largest array's worth of temporaries, not the whole state's. Each sum is awaited
+  before the next starts: a sharded array's sum is a collective, and XLA:CPU deadlocks
+  when its device threads pick up several collective programs in different orders."""
+  return {k: int(_bit_sum_jit(v)) for k, v in flat.items()}
 
 
 def _params_first(path):
