@@ -68,13 +68,15 @@ def _reset_high_water_mark():
     return False
 
 
+def status_bytes(pid, key):
+  """A /proc/PID/status field in bytes (Linux: VmRSS now, VmHWM its peak), or None."""
+  with open(f"/proc/{pid}/status") as f:
+    return next((int(l.split()[1]) * 1024 for l in f if l.startswith(key + ":")), None)
+
+
 def _high_water_mark():
   """The kernel's peak RSS of this process since the last reset (bytes), or None."""
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith("VmHWM:"):
-        return int(line.split()[1]) * 1024
-  return None
+  return status_bytes("self", "VmHWM")
 
 
 def _rss_bytes():

@@ -72,21 +72,15 @@ PP_SCALE = "decode|resize(224)|value_range(-1, 1)"  # the default pp_image at 22
 CHECK_AT = 5000  # examples: the first RSS reading compared with the end
 
 
-def _status_bytes(pid, key):
-  """A /proc/PID/status field in bytes (Linux: VmRSS now, VmHWM its peak)."""
-  with open(f"/proc/{pid}/status") as f:
-    return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key + ":"))
-
-
 def _memory(proc, key="VmRSS"):
   """(bytes of this process, [bytes of each live child]) for a /proc status key."""
   kids = []
   for child in proc.children(recursive=True):
     try:
-      kids.append(_status_bytes(child.pid, key))
-    except (OSError, StopIteration):  # A child ending meanwhile.
+      kids.append(common.status_bytes(child.pid, key))
+    except OSError:  # A child ending meanwhile.
       pass
-  return _status_bytes(proc.pid, key), kids
+  return common.status_bytes(proc.pid, key), kids
 
 
 def _faults(proc):
