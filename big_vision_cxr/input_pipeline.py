@@ -25,7 +25,10 @@ Design (the config shape is in docs/DATA.md):
 - grain runs it: a MapDataset whose i-th element is this process's i-th example
   (fetch, curate, image pp, tokenise), batched; `num_workers` > 0 does that in
   worker processes (ending with the trainer), each a slice of the batches, the
-  order unchanged. A record that cannot be read is logged and replaced by its
+  order unchanged. Streamed sources make `read_threads` batches at once in each
+  process that maps (default `READ_THREADS`), so that batches waiting on storage
+  (a record not in the page cache) do not leave the cores idle; in-memory ones
+  default to none. A record that cannot be read is logged and replaced by its
   unit's next example.
 - `object_tasks_positives_only=True` keeps (in training only) just the
   detection/segmentation examples with at least one object.
@@ -63,8 +66,9 @@ DEFAULTS = dict(
     mix_by="task", weights="inverse_size", class_names=None,
     pp_image=None, text_len=64, seg_from_boxes=False,
     seg_codec=None, cache_images=True, object_tasks_positives_only=False, shared_patients="error",
-    num_workers=0, read_threads=0, prefetch=64)
+    num_workers=0, read_threads=None, prefetch=None)
 OBJECT_TASKS = ("detection", "segmentation")
+READ_THREADS = 4  # batches made at once per process for streamed sources (read_threads=None)
 
 
 class InputError(errors.Error):
@@ -193,7 +197,7 @@ def _examples(config, plan, *, seg_codec, class_names, image_size, tokenizer=Non
       recs, units, fetch=_fetch, class_names=class_names, seg_codec=seg_codec,
       seg_from_boxes=from_boxes, pp_image=_get(config, "pp_image"), image_size=image_size,
       tokenizer=tokenizer, text_len=_get(config, "text_len"),
-      cache=_get(config, "cache_images") and all(r.image is not None for r in recs))
+      cache=_get(config, "cache_images"))
 
 
 def curated_units(config, *, split, seg_codec=None, tasks=None, class_names=None,
@@ -249,13 +253,17 @@ def _worker_init(worker_index, worker_count):
     logging.warning("grain workers will outlive a killed trainer (no prctl on this system)")
 
 
-def _grain(dataset, config):
+def _grain(dataset, config, streamed):
   """A grain MapDataset -> an iterator; with config.num_workers > 0 the map runs in that
-  many worker processes (each a slice of the batches, output in order)."""
+  many worker processes (each a slice of the batches, output in order). Each process
+  that maps makes config.read_threads batches at once (None: READ_THREADS if `streamed`,
+  else 0), buffering config.prefetch of them (None: 2 per thread)."""
   import grain  # pylint: disable=import-outside-toplevel
   workers = int(_get(config, "num_workers"))
-  ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=int(_get(config, "read_threads")),
-                                                 prefetch_buffer_size=int(_get(config, "prefetch"))))
+  threads, prefetch = _get(config, "read_threads"), _get(config, "prefetch")
+  threads = (READ_THREADS if streamed else 0) if threads is None else int(threads)
+  prefetch = 2 * threads if prefetch is None else int(prefetch)
+  ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch))
   if workers > 0:
     from absl import flags  # pylint: disable=import-outside-toplevel
     if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags (defaults here)
@@ -329,7 +337,7 @@ class TrainIterator:
         self._restart(self._seq.counts(self._g))
       import grain  # pylint: disable=import-outside-toplevel
       self._it = _grain(grain.MapDataset.range(1 << 40).map(self.examples.train).batch(
-          self.batch_size, batch_fn=stream.stack_train), self.config)
+          self.batch_size, batch_fn=stream.stack_train), self.config, self.examples.streamed)
     batch = next(self._it)
     self._g += self.batch_size * self.process_count
     for task_id, cut in zip(batch["task_id"], batch.pop("truncated")):
@@ -393,7 +401,7 @@ def evaluation(config, *, task, split, batch_size, seg_codec=None, process_index
   make = _examples(config, plan, seg_codec=seg_codec, class_names=names, image_size=image_size)
   import grain  # pylint: disable=import-outside-toplevel
   batches = _grain(grain.MapDataset.source(items).map(make.get).batch(
-      batch_size, batch_fn=stream.stack_eval), config)
+      batch_size, batch_fn=stream.stack_eval), config, make.streamed)
   for b in range(n_batches):
     images, gts = next(batches)
     yield {"image": make.model_input.finish(images), "valid": valid[b]}, gts

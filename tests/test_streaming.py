@@ -89,6 +89,18 @@ class _BoxCodec:
     return np.stack([np.full(16, int(m.sum()) % 128) for m in masks]).astype(np.int32)
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_read_threads_and_workers_give_the_same_batches(built, tok, workers):
+  plain = ip.training(config(built, read_threads=0), batch_size=4, seed=3, tokenizer=tok)
+  threaded = ip.training(config(built, num_workers=workers), batch_size=4, seed=3, tokenizer=tok)
+  for _ in range(6):  # READ_THREADS batches at once in each process that maps (the default)
+    x, y = next(plain), next(threaded)
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+  assert plain.get_state() == threaded.get_state()
+  threaded.close()
+
+
 def test_stream_draws_tasks_at_their_rates(built, tok):
   it = ip.training(config(built), batch_size=100, seed=1, tokenizer=tok)
   n = 3000

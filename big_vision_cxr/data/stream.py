@@ -161,7 +161,8 @@ class Examples:
     self.class_names, self.seg_codec, self.seg_from_boxes = class_names, seg_codec, seg_from_boxes
     self.pp_image, self.image_size = pp_image, image_size
     self.tokenizer, self.text_len = tokenizer, text_len
-    self.cache = cache  # in-memory sources: images and examples kept once made
+    self.streamed = any(r.image is None for r in records)  # read from disk when drawn
+    self.cache = cache and not self.streamed  # in memory: images and examples kept once made
     self.masks = any(u.task == "segmentation" for u in units.values())  # else not decoded
     self.sequence, self.seed, self.process_index, self.process_count = None, 0, 0, 1
     self._init_local()

@@ -22,6 +22,7 @@ import dataclasses
 import io
 import json
 import pathlib
+import threading
 
 import numpy as np
 from PIL import Image
@@ -61,6 +62,7 @@ def example_to_record(ex, split=None):
 
 
 _SOURCES = {}  # (dataset dir, split, masks) -> _Parsed, per process
+_SOURCES_LOCK = threading.Lock()  # grain's read threads open a split once
 
 
 def _stubs(data_dir, split, cols):
@@ -127,7 +129,9 @@ def _source(data_dir, split, masks):
   `example_to_record`: for tasks that do not use them)."""
   key = (data_dir, split, masks)
   if key not in _SOURCES:
-    _SOURCES[key] = _Parsed(data_dir, split, masks)
+    with _SOURCES_LOCK:
+      if key not in _SOURCES:
+        _SOURCES[key] = _Parsed(data_dir, split, masks)
   return _SOURCES[key]
 
 
