@@ -2,6 +2,7 @@
 
     python -m bench.input_bench [--quick] [--json PATH] [--batch_size 32]
     python -m bench.input_bench --scale [--n 50000] [--size 512] [--workers 0,1,2] [--data_dir D]
+                                [--page_cache warm|cold|as_is] [--read_threads N]
 
 Data: the TBX11K subset + NIH normals from ../shared/data (falls back to the
 phantom, and says so, when they are absent). Tasks: diagnosis, VQA, report,
@@ -19,9 +20,13 @@ Target: >= 500 examples/s on 2 cores.
 (`distinct_images` pictures, so the build takes minutes; every record is its own
 PNG on disk, read and decoded per example), then streamed at 224 px in a fresh
 process per --workers value (grain worker processes): one pass of --n examples
-(first epoch, nothing cached) with the default pp_image at 224 px: examples/s, CPU
-time per example, and the RSS of the process and of each worker after 5k examples
-and at the end (it must stay flat) and their peaks (VmHWM). The ceiling, PNG
+(first epoch, nothing cached by the pipeline) with the default pp_image at 224 px:
+examples/s, CPU time per example, and the RSS of the process and of each worker after
+5k examples and at the end (it must stay flat) and their peaks (VmHWM). Before each
+run the dataset's files are read whole into the page cache (--page_cache warm: what
+a box with the memory for its data set gives; their seconds are reported), or dropped
+from it (cold: every record is read from storage), or left as they are (as_is).
+--read_threads: the pipeline's read_threads (default: its own). The ceiling, PNG
 decode alone and decode + resize(224) with the pipeline's own decoder and resize,
 runs in one process per core at once (--ceiling_s per stage) before the first
 run and after each one, so every run's "vs_ceiling" is against the mean of the
@@ -118,14 +123,30 @@ def _cpu_seconds(proc):
   return sum(sum(p.cpu_times()[:2]) for p in [proc] + proc.children(recursive=True))
 
 
-def stream_once(data_dir, n, workers, bs):
+def page_cache(data_dir, how):
+  """Reads every file of `data_dir` into the page cache ('warm'), drops them from it
+  ('cold', Linux) or does nothing ('as_is'): the seconds it took."""
+  t0 = time.perf_counter()
+  for path in sorted(pathlib.Path(data_dir).iterdir()):
+    if how == "as_is" or not path.is_file():
+      continue
+    with open(path, "rb") as f:
+      if how == "cold":
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+      else:
+        while f.read(1 << 23):
+          pass
+  return time.perf_counter() - t0
+
+
+def stream_once(data_dir, n, workers, bs, read_threads=None):
   """One first pass over `n` streamed examples (run in a fresh process): JSON figures."""
   import psutil  # pylint: disable=import-outside-toplevel
   proc = psutil.Process()
   tok = ops_text.default_tokenizer()
   config = dict(datasets={"scale": dict(source="tfds", name=data_dir)}, tasks=TASKS,
                 split_fractions=(1.0, 0.0, 0.0), text_len=64, pp_image=PP_SCALE,
-                num_workers=workers)
+                num_workers=workers, read_threads=read_threads)
   config["datasets"]["scale"]["split_map"] = {"val": "train", "test": "train"}
   it = input_pipeline.training(config, batch_size=bs, seed=0, tokenizer=tok)
   next(it)  # start-up (workers spawn and import) is not throughput
@@ -145,8 +166,8 @@ def stream_once(data_dir, n, workers, bs):
   cpu, (faults, disk) = _cpu_seconds(proc) - cpu0, np.subtract(_faults(proc), faults0)
   (own, kids), (own_peak, kids_peak) = _memory(proc), _memory(proc, "VmHWM")
   it.close()
-  return dict(workers=workers, examples=drawn, check_at=check, seconds=seconds,
-              examples_per_s=drawn / seconds, cpu_ms_per_example=1e3 * cpu / drawn,
+  return dict(workers=workers, read_threads=read_threads, examples=drawn, check_at=check,
+              seconds=seconds, examples_per_s=drawn / seconds, cpu_ms_per_example=1e3 * cpu / drawn,
               faults_per_example=faults / drawn, disk_kb_per_example=disk / 1024 / drawn, rss_5k=at_check[0], rss_workers_5k=at_check[1],
               rss_end=own, rss_workers_end=kids, peak=own_peak, peak_workers=kids_peak,
               trace=trace, tf_in_main=tf_loaded,
@@ -219,11 +240,13 @@ def scale(args):
     du = sum(f.stat().st_size for f in pathlib.Path(data_dir).iterdir())
     env = host_allocator.environment()  # glibc's settings as the trainer runs (None: as is)
     ceilings, runs = [ceiling(data_dir, args.ceiling_s, env)], []
+    threads = [] if args.read_threads is None else ["--read_threads", str(args.read_threads)]
     for w in workers:
+      cache_s = page_cache(data_dir, args.page_cache)
       out = subprocess.run([sys.executable, "-m", "bench.input_bench", "--stream_once", data_dir,
-                            "--n", str(args.n), "--workers", str(w), "--batch_size", str(bs)],
-                           capture_output=True, text=True, check=True, env=env)
-      runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                            "--n", str(args.n), "--workers", str(w), "--batch_size", str(bs),
+                            *threads], capture_output=True, text=True, check=True, env=env)
+      runs.append(dict(json.loads(out.stdout.strip().splitlines()[-1]), page_cache_s=cache_s))
       ceilings.append(ceiling(data_dir, args.ceiling_s, env))
   mb = lambda b: b / 2 ** 20
   rows = []
@@ -233,8 +256,9 @@ def scale(args):
         stage=f"first epoch, {r['workers']} worker(s)", examples_per_s=r["examples_per_s"],
         ceiling_per_s=ceil, vs_ceiling=common.ratio(r["examples_per_s"], ceil),
         vs_target=common.ratio(r["examples_per_s"], TARGET),
-        cpu_ms_per_example=r["cpu_ms_per_example"], faults_per_example=r["faults_per_example"],
-        disk_kb_per_example=r["disk_kb_per_example"],
+        cpu_ms_per_example=r["cpu_ms_per_example"],
+        cores_busy=r["examples_per_s"] * r["cpu_ms_per_example"] / 1e3,
+        faults_per_example=r["faults_per_example"], disk_kb_per_example=r["disk_kb_per_example"],
         rss_mb_5k=mb(r["rss_5k"]), rss_mb_end=mb(r["rss_end"]), peak_mb=mb(r["peak"]),
         worker_rss_mb_5k=mb(max(r["rss_workers_5k"], default=0)),
         worker_rss_mb_end=mb(max(r["rss_workers_end"], default=0)),
@@ -252,8 +276,10 @@ def scale(args):
       "-> 224 px",
       rows, args,
       notes=[f"Build: {t_build:.0f} s (0 when reused), {mb(du):.0f} MB on disk ({args.distinct} "
-             "distinct pictures; every record stores and decodes its own PNG). The file was just "
-             "written, so reads come mostly from the page cache.",
+             "distinct pictures; every record stores and decodes its own PNG). Page cache before "
+             f"each run: {args.page_cache} ({[round(r['page_cache_s']) for r in runs]} s); "
+             f"read_threads: {args.read_threads if args.read_threads is not None else 'default'}"
+             f" ({input_pipeline.READ_THREADS} for streamed data).",
              f"One pass of {args.n} examples per row, batch {bs}, tasks {', '.join(TASKS)}; "
              f"RSS (MB) after {runs[0]['check_at']} examples and at the end, peaks (VmHWM); "
              "worker_*: the largest worker; the trace (examples, MB of the process and its "
@@ -264,7 +290,8 @@ def scale(args):
              "resize ceilings measured just before and after that run (one process per core, "
              f"{args.ceiling_s:g} s per stage, glibc's heap kept: `_keep_heap`). CPU ms: user + "
              "system of the process and its workers per example; the ceilings': CPU per image "
-             "in each process; faults: minor page faults per example; disk_kb: read from "
+             "in each process; cores_busy: examples/s x CPU s per example (of "
+             f"{os.cpu_count()}); faults: minor page faults per example; disk_kb: read from "
              "storage (not the page cache) per example."],
       extra=dict(runs=runs, ceilings=ceilings, build_s=t_build, disk_bytes=du))
 
@@ -279,6 +306,10 @@ def main():
   parser.add_argument("--workers", default="0,1,2")
   parser.add_argument("--data_dir", default=None, help="build the scale dataset here and keep it "
                       "(a second run reuses it); default: a temporary folder")
+  parser.add_argument("--page_cache", choices=("warm", "cold", "as_is"), default="warm",
+                      help="the dataset's files in the page cache before each run (--scale)")
+  parser.add_argument("--read_threads", type=int, default=None,
+                      help="the pipeline's read_threads (--scale; default: its own)")
   parser.add_argument("--ceiling_s", type=float, default=10.0,
                       help="seconds per stage of each ceiling measurement")
   parser.add_argument("--stream_once", metavar="DIR", help=argparse.SUPPRESS)
@@ -289,7 +320,8 @@ def main():
     print(json.dumps(ceiling_once(args.ceiling_once, args.ceiling_s, args.start_at)))
     return
   if args.stream_once:
-    print(json.dumps(stream_once(args.stream_once, args.n, int(args.workers), args.batch_size)))
+    print(json.dumps(stream_once(args.stream_once, args.n, int(args.workers), args.batch_size,
+                                 args.read_threads)))
     return
   if args.scale:
     scale(args)
