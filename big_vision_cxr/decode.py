@@ -67,10 +67,28 @@ def check_sampler(sampler, temperature=1.0, top_k=None, top_p=None, beam_size=1)
     raise DecodeError(f"beam search (beam_size={beam_size}) is deterministic: use sampler='greedy'.")
 
 
+def _first_max(x):  # [B, N] -> [B] int32: the first index of each row's max.
+  iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, 1)
+  return jnp.min(jnp.where(x == jnp.max(x, axis=1, keepdims=True), iota, x.shape[1]), axis=1)
+
+
+def argmax(logits, block=128):
+  """jnp.argmax(logits [B, V], -1) as int32 (NaN counts as +inf), in two passes over
+  blocks of `block` logits: XLA:CPU's one-pass argmax is a scalar loop (1.3 ms a row at
+  a 257k vocabulary)."""
+  b, v = logits.shape
+  blocks = jnp.where(jnp.isnan(logits), jnp.inf, logits)
+  blocks = jnp.pad(blocks, ((0, 0), (0, -v % block)), constant_values=-jnp.inf)
+  blocks = blocks.reshape(b, -1, block)  # [B, V/block, block]
+  first = _first_max(jnp.max(blocks, axis=2))  # [B] the block of the first max.
+  within = jnp.take_along_axis(blocks, first[:, None, None], axis=1)[:, 0]  # [B, block]
+  return first * block + _first_max(within)
+
+
 def pick_tokens(logits, rng, sampler="greedy", temperature=1.0, top_k=None, top_p=None):
   """Chooses one token per row of logits [B, V] (float32) -> [B] int32."""
   if sampler == "greedy":
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return argmax(logits)
   logits = logits / temperature
   if sampler == "top_k":  # Ties with the k-th value are kept too.
     kth = jax.lax.top_k(logits, top_k)[0][:, -1:]

@@ -1,5 +1,6 @@
 """decode: cached generation == a no-cache full-forward loop; samplers, beam, EOS, score, Predictor."""
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -203,18 +204,52 @@ def test_prepared_params_give_the_same_tokens(setup, greedy):
   np.testing.assert_allclose(logps, greedy[1], atol=1e-6)
 
 
-def test_decode_step_copies_no_weight(setup):
-  """The compiled decode loop reads each weight where `prepare` put it: no copy, transpose,
-  slice or dynamic-slice of a weight-shaped array (head included) inside the while loop."""
+def _while_bodies(hlo):
+  """{name: top-level instruction lines} of each while loop's body in compiled HLO text."""
+  comps, name = {}, None
+  for line in hlo.splitlines():
+    head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
+    if head:
+      name = head.group(1)
+      comps[name] = []
+    elif name:
+      comps[name].append(line)
+  return {b: comps[b] for b in set(re.findall(r"body=%?([\w.\-]+)", hlo))}
+
+
+def _size(dims):  # "4,32,12" -> 1536
+  return int(np.prod([int(d) for d in dims.split(",") if d]))
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_decode_step_copies_no_weight(setup, batch):
+  """The compiled decode loop reads each weight where `prepare` put it: inside the while
+  loop no copy, transpose, slice or loop fusion makes a weight-sized array (>= 1/16 of
+  it: a layer's slice of a stack counts) out of a weight (head included); gathering the
+  embeddings of B tokens is fine."""
   model, params, images, text = setup
   fn = decode.make_generate_fn(model, max_decode_len=STEPS, eos_id=-1)
   prepared = decode.prepare(params)
-  hlo = fn.lower(prepared, images, text, text != 0, None).compile().as_text()
+  rows = np.arange(batch) % len(text)
+  hlo = fn.lower(prepared, images[rows], text[rows], text[rows] != 0, None).compile().as_text()
   shapes = {",".join(map(str, w.shape)) for w in jax.tree.leaves(prepared.params["llm"])
             if w.ndim >= 2}
-  moved = [line for line in hlo.splitlines() if "while/body" in line
-           and any(f" {op}(" in line for op in ("copy", "transpose", "slice", "dynamic-slice"))
-           and any(f"[{shape}]" in line for shape in shapes)]
+  decode_loop = [lines for lines in _while_bodies(hlo).values()
+                 if any("llm_forward" in line for line in lines)]
+  assert len(decode_loop) == 1
+  weights = {}  # The loop's name of each weight it carries -> its size.
+  for line in decode_loop[0]:
+    inst = re.match(r"\s*%(\S+) = \w+\[([\d,]*)\]\S* get-tuple-element\(", line)
+    if inst and inst.group(2) in shapes:
+      weights[inst.group(1)] = _size(inst.group(2))
+  assert weights
+  moved = []
+  for line in decode_loop[0]:
+    inst = re.match(r"\s*%\S+ = \w+\[([\d,]*)\]\S* (copy|transpose|slice|dynamic-slice|fusion)\(",
+                    line)
+    read = [weights[n] for n in re.findall(r"%([\w.\-]+)", line.split("(", 1)[-1]) if n in weights]
+    if inst and read and "kind=kCustom" not in line and 16 * _size(inst.group(1)) >= min(read):
+      moved.append(line.strip()[:160])
   assert not moved, moved
 
 
@@ -248,6 +283,22 @@ def test_score_equals_forward_logprobs(setup, greedy, reference):
   with_eos = np.c_[suffix, np.ones(len(PROMPTS), np.int32)]
   np.testing.assert_allclose(total, reference.token_logprobs(PROMPTS, with_eos).sum(1), atol=1e-4)
   np.testing.assert_allclose(np.asarray(per_token).sum(1), total, atol=1e-5)
+
+
+@pytest.mark.parametrize("vocab", [257152, 1000, 7])
+def test_argmax_equals_jnp_argmax(vocab):
+  """Ties (first index wins, also across blocks), NaN (the first, as for jnp.argmax), an
+  all -inf row and a vocabulary that is not a multiple of the block."""
+  rng = np.random.default_rng(vocab)
+  logits = rng.standard_normal((6, vocab)).astype(np.float32)
+  logits[1] = np.round(logits[1])  # Many ties at the max.
+  logits[2, [vocab // 3, vocab - 1]] = 100.0  # A tie across blocks.
+  logits[3, [vocab // 2, vocab - 1]] = np.nan
+  logits[4] = -np.inf
+  logits[5, -1] = 1e9  # The max in the padded last block.
+  got = jax.jit(decode.argmax)(jnp.asarray(logits))
+  assert got.dtype == jnp.int32
+  np.testing.assert_array_equal(got, np.argmax(logits, axis=-1))
 
 
 def test_bad_arguments():

@@ -25,10 +25,12 @@ out-of-range write cannot raise, and XLA would clamp it onto the last slots.
 
 Dot layout (`dot_layout=True`, for decoding): the layers are separate modules
 `layers_{i}` (their own buffers and caches [B, S, K, H], not one scan, whose per-layer
-slices XLA copies on every step); each layer weight has its contracted axes last ([out, in], what XLA:CPU's dot kernels read without a transpose) and the tied
-table is [D, V] (its matrix-vector product streams it in order): `input_embedding`
-[D, V], `layers_{i}/attn/q_einsum/w` [N, H, D], `kv_einsum/w` [2, K, H, D],
-`attn_vec_einsum/w` [D, N, H], `mlp/gating_einsum` [2, F, D], `mlp/linear` [D, F]. `to_dot_layout`
+slices XLA copies on every step); each layer weight has its contracted axes last ([out, in], what XLA:CPU's dot kernels read without a transpose), the
+query and output projections as 2-D matrices (XLA:CPU transposes a 3-D [N, H, D] weight
+on every step) and the tied table is [D, V] (its matrix-vector product streams it in
+order): `input_embedding` [D, V], `layers_{i}/attn/q_einsum/w` [N*H, D], `kv_einsum/w`
+[2, K, H, D], `attn_vec_einsum/w` [D, N*H], `mlp/gating_einsum` [2, F, D], `mlp/linear`
+[D, F]. `to_dot_layout`
 converts a checkpoint's tree once, outside any loop (XLA would otherwise transpose each
 weight on every decode step). Its initialisers only serve shapes: never train it.
 """
@@ -163,7 +165,8 @@ class Attention(nn.Module):
     if n % k:
       raise ValueError(f"num_heads {n} is not a multiple of num_kv_heads {k}.")
     if self.dot_layout:
-      q = Einsum((n, h, width), 2, self.dtype, name="q_einsum")("BTD,NHD->BTNH", x)
+      q = Einsum((n * h, width), 1, self.dtype, name="q_einsum")("BTD,ED->BTE", x)
+      q = q.reshape(q.shape[:2] + (n, h))
       kv = Einsum((2, k, h, width), 3, self.dtype, name="kv_einsum")("BSD,CKHD->CBSKH", x)
     else:
       q = Einsum((n, width, h), 1, self.dtype, name="q_einsum")("BTD,NDH->BTNH", x)
@@ -198,8 +201,8 @@ class Attention(nn.Module):
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     encoded = jnp.einsum("BKGTS,BSKH->BTKGH", probs, values).reshape(b, t, n, h)
     if self.dot_layout:
-      return Einsum((width, n, h), (1, 2), self.dtype, name="attn_vec_einsum")(
-          "BTNH,DNH->BTD", encoded)
+      return Einsum((width, n * h), 1, self.dtype, name="attn_vec_einsum")(
+          "BTE,DE->BTD", encoded.reshape(b, t, n * h))
     return Einsum((n, h, width), (0, 1), self.dtype, name="attn_vec_einsum")("BTNH,NHD->BTD", encoded)
 
 
@@ -327,25 +330,30 @@ class Model(nn.Module):
                                 "cache_index": jnp.zeros((self.depth,), jnp.int32)}}}
 
 
-# Stored layout -> dot layout of each moved weight: (name, axes of the stored array).
-DOT_LAYOUT = (("embedder/input_embedding", (1, 0)),
-              ("layers/attn/q_einsum/w", (0, 1, 3, 2)),
-              ("layers/attn/kv_einsum/w", (0, 1, 2, 4, 3)),
-              ("layers/attn/attn_vec_einsum/w", (0, 3, 1, 2)),
-              ("layers/mlp/gating_einsum", (0, 1, 3, 2)),
-              ("layers/mlp/linear", (0, 2, 1)))
+# Stored layout -> dot layout of each moved weight: (name, axes of the stored array, the
+# range [i, j) of moved axes merged into one, if any: q's [L, N, H, D] -> [L, N*H, D]).
+DOT_LAYOUT = (("embedder/input_embedding", (1, 0), None),
+              ("layers/attn/q_einsum/w", (0, 1, 3, 2), (1, 3)),
+              ("layers/attn/kv_einsum/w", (0, 1, 2, 4, 3), None),
+              ("layers/attn/attn_vec_einsum/w", (0, 3, 1, 2), (2, 4)),
+              ("layers/mlp/gating_einsum", (0, 1, 3, 2), None),
+              ("layers/mlp/linear", (0, 2, 1), None))
 
 
 def to_dot_layout(params, dtype=None):
   """A Gemma params tree (stored layout) -> the tree of `Model(dot_layout=True)`, with the
   weights cast to `dtype` (None: unchanged; norms stay float32). Jittable; one copy."""
   params = dict(params)
-  for name, axes in DOT_LAYOUT:
+  for name, axes, merged in DOT_LAYOUT:
     *path, leaf = name.split("/")
     node = params
     for part in path:
       node[part] = node = dict(node[part])
-    node[leaf] = jnp.transpose(node[leaf], axes)
+    moved = jnp.transpose(node[leaf], axes)
+    if merged:
+      i, j = merged
+      moved = moved.reshape(moved.shape[:i] + (-1,) + moved.shape[j:])
+    node[leaf] = moved
   layers = params.pop("layers")
   for i in range(jax.tree.leaves(layers)[0].shape[0]):
     params[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], layers)
