@@ -18,7 +18,9 @@ runs in gemma's dot layout (`prepare`: the weights D-first and the tied head as 
 the step. `Predictor` prepares once per params; the jitted functions prepare once
 per call when given the stored params. `weights_dtype=jnp.bfloat16` decodes with
 bfloat16 LLM weights and activations (float32 logits and softmax statistics), about
-half the memory traffic of a step; the default (None) is the model's own dtype.
+half the memory traffic of a step on an accelerator (XLA:CPU computes a bfloat16
+matrix-vector product in float32, so on a CPU float32 decodes faster); the default
+(None) is the model's own dtype.
 
 Log-probabilities: every returned `token_logprobs[i]` is log_softmax of the
 model's *untempered, unmasked* logits for the chosen token, i.e. the model's own
@@ -112,23 +114,15 @@ class DecodeParams:
   """Params laid out for decoding by `prepare`: `img` as stored, `llm` in gemma's dot
   layout (cast to `weights_dtype`)."""
   params: Any
-  head_rows: Any = None  # bfloat16 only: the head as [V, D] too, for batch 1.
   weights_dtype: Any = flax.struct.field(pytree_node=False, default=None)
 
 
 def prepare(params, weights_dtype=None):
-  """Stored params -> DecodeParams (one transposed copy of the LLM weights; jittable).
-
-  With 2-byte weights the head is kept both ways ([D, V] and [V, D], together the bytes
-  of one float32 table): XLA:CPU's bfloat16 matrix-vector product is fast only on
-  [V, D] rows, its matrix-matrix product only on [D, V]."""
+  """Stored params -> DecodeParams (one transposed copy of the LLM weights; jittable)."""
   if isinstance(params, DecodeParams):
     return params
-  llm = gemma.to_dot_layout(params["llm"], weights_dtype)
-  rows = None
-  if weights_dtype is not None and jnp.dtype(weights_dtype).itemsize < 4:
-    rows = params["llm"]["embedder"]["input_embedding"].astype(weights_dtype)
-  return DecodeParams(dict(params, llm=llm), rows, weights_dtype)
+  return DecodeParams(dict(params, llm=gemma.to_dot_layout(params["llm"], weights_dtype)),
+                      weights_dtype)
 
 
 def decode_model(model, weights_dtype=None):
@@ -139,17 +133,12 @@ def decode_model(model, weights_dtype=None):
   return type(model)(img=model.img, llm=llm)
 
 
-def head_logits(model, params, pre_logits, head_rows=None):
-  """pre_logits [B, D] -> logits [B, V] float32 (the tied head, softcap included);
-  `head_rows` [V, D] (see `prepare`) serves batch 1."""
-  if head_rows is None or pre_logits.shape[0] != 1:
-    return model.apply({"params": params}, pre_logits[:, None], method="logits")[:, 0]
-  logits = jnp.einsum("BD,VD->BV", pre_logits.astype(head_rows.dtype), head_rows,
-                      preferred_element_type=jnp.float32)
-  return gemma.softcap(logits, model.llm.get("final_logits_softcap"))
+def head_logits(model, params, pre_logits):
+  """pre_logits [B, D] -> logits [B, V] float32 (the tied head, softcap included)."""
+  return model.apply({"params": params}, pre_logits[:, None], method="logits")[:, 0]
 
 
-def prefill(model, params, images, text, input_mask, max_decode_len, cache_dtype, head_rows=None):
+def prefill(model, params, images, text, input_mask, max_decode_len, cache_dtype):
   """Runs image + prompt through the LLM once, filling a fresh cache.
 
   text, input_mask [B, P]: BOS + prompt + "\\n", left-aligned, pads masked.
@@ -168,34 +157,34 @@ def prefill(model, params, images, text, input_mask, max_decode_len, cache_dtype
       method="llm_forward", mutable=["cache"])
   n_valid = jnp.sum(mask, axis=1)  # [B]; valid slots are [0, n_valid).
   last = out["pre_logits"][jnp.arange(b), n_valid - 1]  # [B, D]
-  logits = head_logits(model, params, last, head_rows)
+  logits = head_logits(model, params, last)
   valid = jnp.pad(mask, ((0, 0), (0, max_decode_len)))  # [B, S]
   return logits, variables["cache"], valid, n_valid, prefix_len
 
 
-def extend(model, params, cache, tokens, positions, valid, head_rows=None):
+def extend(model, params, cache, tokens, positions, valid):
   """Feeds one token per example (tokens, positions [B]); valid [B, S] must
   already include its slot. Returns (logits [B, V] f32, cache)."""
   (_, out), variables = model.apply(
       {"params": params, "cache": cache}, tokens[:, None], positions[:, None], valid[:, None, :],
       decode=True, method="llm_forward", mutable=["cache"])
-  return head_logits(model, params, out["pre_logits"][:, 0], head_rows), variables["cache"]
+  return head_logits(model, params, out["pre_logits"][:, 0]), variables["cache"]
 
 
 def _for_decoding(model, params, weights_dtype):
-  """(decode_model, its params, head_rows): stored params are prepared here, once per call."""
+  """(decode_model, its params): stored params are prepared here, once per call."""
   params = prepare(params, weights_dtype)
   if params.weights_dtype != weights_dtype:
     raise DecodeError(f"params prepared for weights_dtype={params.weights_dtype}, "
                       f"the function decodes with {weights_dtype}.")
-  return decode_model(model, weights_dtype), params.params, params.head_rows
+  return decode_model(model, weights_dtype), params.params
 
 
 def _sample(model, params, images, text, input_mask, rng, *, max_decode_len, eos_id, pick,
             cache_dtype, weights_dtype):
-  model, params, head_rows = _for_decoding(model, params, weights_dtype)
+  model, params = _for_decoding(model, params, weights_dtype)
   logits, cache, valid, n_valid, prefix_len = prefill(
-      model, params, images, text, input_mask, max_decode_len, cache_dtype, head_rows)
+      model, params, images, text, input_mask, max_decode_len, cache_dtype)
   b = text.shape[0]
   rng = jax.random.PRNGKey(0) if rng is None else rng
 
@@ -211,7 +200,7 @@ def _sample(model, params, images, text, input_mask, rng, *, max_decode_len, eos
     t = state["t"]  # Feed token t-1 into slot prefix_len + t - 1 at position n_valid + t - 1.
     valid = state["valid"].at[:, prefix_len + t - 1].set(True)
     logits, cache = extend(model, params, state["cache"], state["tokens"][:, t - 1],
-                           n_valid + t - 1, valid, head_rows)
+                           n_valid + t - 1, valid)
     return record(dict(state, cache=cache, valid=valid), logits)
 
   def cond(state):
@@ -233,9 +222,9 @@ def _beam(model, params, images, text, input_mask, rng, *, max_decode_len, eos_i
           cache_dtype, weights_dtype):
   del rng  # Deterministic.
   k = beam_size
-  model, params, head_rows = _for_decoding(model, params, weights_dtype)
+  model, params = _for_decoding(model, params, weights_dtype)
   logits, cache, valid, n_valid, prefix_len = prefill(
-      model, params, images, text, input_mask, max_decode_len, cache_dtype, head_rows)
+      model, params, images, text, input_mask, max_decode_len, cache_dtype)
   b, vocab = logits.shape
   logp0 = jax.nn.log_softmax(logits)  # [B, V]
   scores, tok = jax.lax.top_k(logp0, k)  # [B, k], sorted best first.
@@ -249,7 +238,7 @@ def _beam(model, params, images, text, input_mask, rng, *, max_decode_len, eos_i
     t = state["t"]
     valid = state["valid"].at[:, prefix_len + t - 1].set(True)
     logits, cache = extend(model, params, state["cache"], state["tokens"][:, :, t - 1].reshape(-1),
-                           n_valid + t - 1, valid, head_rows)
+                           n_valid + t - 1, valid)
     lp = jax.nn.log_softmax(logits).reshape(b, k, vocab)
     done = state["done"]  # [B, k]; a finished beam may only add pad (0) at no cost.
     only_pad = jnp.where(jnp.arange(vocab) == 0, 0.0, -jnp.inf)
