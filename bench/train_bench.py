@@ -16,9 +16,10 @@ Rows: batch 1-8 at 64 text tokens (16 prompt + 48 answer), then text length 32-2
 batch 2 (16-token prompt). Each row starts both sides from the same weights; the first
 step's losses must agree. step_ratio = HF step time / ours (> 1: we are faster), medians
 of interleaved repeats (ours, HF, matmul peak, ours, HF, ...) after a warm-up each.
-gflop_step: our step's FLOPs from XLA's cost analysis with the layer scans fully unrolled
-at depths (img, llm) = (1, 1), (2, 1), (1, 2) and extrapolated to the real depths (XLA
-counts a loop body once). MFU = gflop_step / step time / peak, the peak being the best
+gflop_step: the model's FLOPs for the step: our step's from XLA's cost analysis with the
+layer scans fully unrolled at depths (img, llm) = (1, 1), (2, 1), (1, 2) and extrapolated
+to the real depths (XLA counts a loop body once), less the head's products on the rows of
+weight 0 that `losses.head_loss` computes beside the loss positions (`losses.head_rows`). MFU = gflop_step / step time / peak, the peak being the best
 FLOP/s of a 2048^3 float32 jitted matmul timed between the steps of the same row.
 --profile adds a table of where our step's time goes (its jitted parts timed alone).
 --allocators: our step (batch 2, text 64) under each glibc malloc setting of ALLOCATORS,
@@ -195,8 +196,10 @@ def bench_row(name, ours, hf, image_size, batch, text_len, repeats, peak_n):
   peak = Peak(peak_n)
   t_ours, t_hf, _ = common.interleaved([lambda: ours.step(data), lambda: hf.step(prepared), peak],
                                        repeats)
-  flops = step_flops(name, data)
   n_loss = batch * (text_len - PREFIX_LEN)
+  llm = pg.get_config(name).llm  # Model FLOPs: less the head's rows of weight 0 (3 products).
+  wasted = losses.head_rows(batch, text_len - 1, text_len - PREFIX_LEN) - n_loss
+  flops = step_flops(name, data) - 6 * wasted * llm.width * llm.vocab_size
   return dict(
       config=name, batch=batch, text_len=text_len, step_s_ours=t_ours, step_s_hf=t_hf,
       step_ratio=common.ratio(t_hf, t_ours), loss_tok_s_ours=n_loss / t_ours,

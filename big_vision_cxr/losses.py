@@ -75,11 +75,23 @@ def head_loss(hidden, table, targets, weights, cap=None, chunk_rows=512):
   return _head_loss_fwd(hidden, table, targets, weights, cap, chunk_rows)[0]
 
 
+def _chunk_cols(batch, length, chunk_rows):
+  return max(1, min(length, chunk_rows // batch))
+
+
+def head_rows(batch, length, max_count, chunk_rows=512):
+  """How many rows `head_loss` puts through the [*, V] head for hidden [batch, length]
+  whose examples have at most `max_count` loss positions (whole chunks of each example's
+  compacted positions: rows past its own count are computed too, with weight 0)."""
+  cols = _chunk_cols(batch, length, chunk_rows)
+  return batch * cols * -(-max_count // cols)
+
+
 def _head_loss_fwd(hidden, table, targets, weights, cap, chunk_rows):
   b, t, _ = hidden.shape
   weights = weights.astype(jnp.float32)
   order = jnp.argsort(weights <= 0, axis=1, stable=True)  # Loss positions first.
-  cols = max(1, min(t, chunk_rows // b))
+  cols = _chunk_cols(b, t, chunk_rows)
   width = -(-t // cols) * cols
   h, tgt, w = (_compact(x, order, width) for x in (hidden, targets, weights))
   coef = w / jnp.maximum(1.0, weights.sum(-1, keepdims=True)) / b  # d(mean) / d(token loss)

@@ -32,3 +32,19 @@ def test_head_loss_equals_full_logits_loss(cap, chunk_rows):
   for g, r in zip(grads, ref_grads):
     np.testing.assert_allclose(g, r, atol=1e-6)
   assert not np.asarray(grads[0][2]).any()  # No loss position: no gradient.
+
+
+@pytest.mark.parametrize("b,t,count,chunk_rows", [(3, 9, 8, 512), (4, 63, 48, 512), (8, 63, 5, 64)])
+def test_head_rows_are_the_rows_the_head_computes(b, t, count, chunk_rows):
+  """`head_rows` (what train_bench takes off its FLOP count) is what the compiled head
+  computes: 3 products of 2 * rows * D * V FLOPs (one chunk here: the loop is counted once)."""
+  d, v = 128, 4096  # The softmax's few FLOPs per logit are ~2% of the products' 6 * D.
+  weights = np.zeros((b, t), np.int32)
+  weights[:, :count] = 1
+  grad = jax.grad(lambda h, w: losses.head_loss(h, w, jnp.zeros((b, t), jnp.int32), weights,
+                                                None, chunk_rows)[0], (0, 1))
+  cost = jax.jit(grad).lower(jnp.zeros((b, t, d)), jnp.zeros((v, d))).compile().cost_analysis()
+  flops = (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+  rows = losses.head_rows(b, t, count, chunk_rows)
+  chunks = -(-count // losses._chunk_cols(b, t, chunk_rows))  # pylint: disable=protected-access
+  assert flops == pytest.approx(6 * rows // chunks * d * v, rel=0.03)
