@@ -1,7 +1,7 @@
 """Decoding: our JAX PaliGemma vs HF transformers (PyTorch CPU) used well, same weights.
 
 python -m bench.model_bench [--quick] [--json PATH] [--configs bench_100m,tiny]
-    [--batches 1,8,32] [--dtypes float32,bfloat16] [--steps N]
+    [--batches 1,8,32] [--dtypes float32,bfloat16] [--steps N] [--profile]
 
 For each config, dtype and batch, with the same random weights (converted to HF with
 `hf_interop.save_hf`, loaded by `from_pretrained`, sdpa attention) in the same dtype on
@@ -18,8 +18,16 @@ static cache (`hf_static`), torch threads = cores, and with 1 thread at batch 1
 Inputs are built outside the timed region. Every function is warmed up, then all are
 timed interleaved (ours, HF, ..., ours, HF, ...), medians kept. same_tokens: greedy
 tokens equal to HF's at the same dtype; same_as_f32: ours in this dtype vs ours in f32.
+--profile: where our decode step's time goes, per row: one more generate call traced
+(jax.profiler), each operation of the compiled decode loop (those run once per step) in
+ms per step, the largest first, with its HLO result shape.
 """
+import collections
+import glob
+import gzip
+import json
 import os
+import re
 import tempfile
 import time
 
@@ -130,12 +138,37 @@ def inputs(batch, image_size):
   return images, text
 
 
+def profile_step(ours, images, text, top=8):
+  """[{op, hlo_shape, ms_per_step}] of the decode loop's operations (those traced once per
+  step), the `top` largest, then the rest summed and the whole loop."""
+  steps = ours.steps - 1
+  fn = ours.fns[ours.steps]
+  shapes = dict(re.findall(r"^\s*(?:ROOT )?%([\w.\-]+) = (\S+\[[\d,]*\])", fn.lower(
+      ours.params, images, text, text != 0, None).compile().as_text(), re.M))
+  with tempfile.TemporaryDirectory(prefix="model_bench_trace_") as folder:
+    with jax.profiler.trace(folder, create_perfetto_trace=True):
+      ours.generate(images, text, ours.steps)
+    with gzip.open(glob.glob(f"{folder}/**/*.trace.json.gz", recursive=True)[0]) as f:
+      events = json.load(f)["traceEvents"]
+  total, count = collections.Counter(), collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and e["name"] in shapes:
+      total[e["name"]] += e.get("dur", 0) / 1e3
+      count[e["name"]] += 1
+  loop = sorted(((total[k] / steps, k) for k in total if count[k] == steps), reverse=True)
+  rows = [dict(op=k, hlo_shape=shapes[k], ms_per_step=ms) for ms, k in loop[:top]]
+  rows.append(dict(op=f"the other {max(len(loop) - top, 0)} ops", hlo_shape="",
+                   ms_per_step=sum(ms for ms, _ in loop[top:])))
+  rows.append(dict(op="decode loop, all ops", hlo_shape="", ms_per_step=sum(ms for ms, _ in loop)))
+  return rows
+
+
 def decode_rate(tokens, seconds):
   """Tokens/s of the decode steps; None when they took no measurable time (tiny models)."""
   return tokens / seconds if seconds > 1e-3 else None
 
 
-def bench_config(name, batches, dtypes, steps, repeats):
+def bench_config(name, batches, dtypes, steps, repeats, profiles=None):
   cfg = pg.get_config(name)
   model = pg.Model(**cfg)
   params = random_params(model, cfg.img.image_size)
@@ -178,6 +211,10 @@ def bench_config(name, batches, dtypes, steps, repeats):
                  same_as_f32=float(np.mean(ours_tokens == f32_tokens[batch])))
       rows.append(row)
       print(common.format_table([row]), flush=True)
+      if profiles is not None:
+        profiles += [dict(config=name, dtype=dtype, batch=batch, **r)
+                     for r in profile_step(ours, images, text)]
+        print(common.format_table(profiles[-10:]), flush=True)
     del hf_model
   return rows
 
@@ -189,6 +226,7 @@ def main(argv=None):
   parser.add_argument("--dtypes", default="float32,bfloat16")
   parser.add_argument("--steps", type=int, default=None, help="new tokens per generate call")
   parser.add_argument("--repeats", type=int, default=None)
+  parser.add_argument("--profile", action="store_true", help="also trace our decode step's ops")
   args = parser.parse_args(argv)
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
@@ -197,11 +235,11 @@ def main(argv=None):
   configs = (args.configs or ("tiny" if args.quick else "bench_100m,tiny")).split(",")
   steps = args.steps or (8 if args.quick else 17)
   repeats = args.repeats or (2 if args.quick else 3)
-  rows = []
+  rows, profiles = [], [] if args.profile else None
   for name in configs:
     batches = args.batches or ("1,8" if args.quick or name == "tiny" else "1,8,32")
     rows += bench_config(name, [int(b) for b in batches.split(",")], args.dtypes.split(","),
-                         steps, repeats)
+                         steps, repeats, profiles)
   notes = [
       f"HF transformers {transformers.__version__} (torch {torch.__version__}, {os.cpu_count()} "
       f"threads unless hf_1t, sdpa) vs jax {jax.__version__}; prompt = {PROMPT_LEN} text tokens "
@@ -212,8 +250,11 @@ def main(argv=None):
       "same_tokens: fraction of greedy tokens identical to HF's (dynamic cache) at the same dtype; "
       "same_as_f32: ours at this dtype vs ours in float32.",
   ]
+  if profiles:
+    print("\nOur decode step's operations (ms per step, one traced call per row):")
+    print(common.format_table(profiles))
   common.report("Model bench: decoding, ours (JAX) vs HF transformers (PyTorch), same weights",
-                rows, args, notes=notes)
+                rows, args, notes=notes, extra=dict(profile=profiles) if profiles else None)
 
 
 if __name__ == "__main__":
