@@ -279,7 +279,7 @@ def scale(args):
              "distinct pictures; every record stores and decodes its own PNG). Page cache before "
              f"each run: {args.page_cache} ({[round(r['page_cache_s']) for r in runs]} s); "
              f"read_threads: {args.read_threads if args.read_threads is not None else 'default'}"
-             f" ({input_pipeline.READ_THREADS} for streamed data).",
+             f" ({input_pipeline.READ_THREADS} for streamed data with 0 workers, else 0).",
              f"One pass of {args.n} examples per row, batch {bs}, tasks {', '.join(TASKS)}; "
              f"RSS (MB) after {runs[0]['check_at']} examples and at the end, peaks (VmHWM); "
              "worker_*: the largest worker; the trace (examples, MB of the process and its "

@@ -25,11 +25,12 @@ Design (the config shape is in docs/DATA.md):
 - grain runs it: a MapDataset whose i-th element is this process's i-th example
   (fetch, curate, image pp, tokenise), batched; `num_workers` > 0 does that in
   worker processes (ending with the trainer), each a slice of the batches, the
-  order unchanged. Streamed sources make `read_threads` batches at once in each
-  process that maps (default `READ_THREADS`), so that batches waiting on storage
-  (a record not in the page cache) do not leave the cores idle; in-memory ones
-  default to none. A record that cannot be read is logged and replaced by its
-  unit's next example.
+  order unchanged. `read_threads` > 0 makes that many batches at once in each
+  process that maps; by default (None) READ_THREADS for streamed data with 0 workers
+  (PNG decoding releases the GIL: one process then uses more than one core, and a
+  record read from storage does not stop it), else none (in workers they cost more
+  CPU than they save when the data is in the page cache: docs/RESULTS.md, issue 13).
+  A record that cannot be read is logged and replaced by its unit's next example.
 - `object_tasks_positives_only=True` keeps (in training only) just the
   detection/segmentation examples with at least one object.
 - Datasets are read by the source their `source` names (`registry.DATA_SOURCES`);
@@ -68,7 +69,7 @@ DEFAULTS = dict(
     seg_codec=None, cache_images=True, object_tasks_positives_only=False, shared_patients="error",
     num_workers=0, read_threads=None, prefetch=None)
 OBJECT_TASKS = ("detection", "segmentation")
-READ_THREADS = 4  # batches made at once per process for streamed sources (read_threads=None)
+READ_THREADS = 2  # batches made at once in the trainer's process: streamed data, 0 workers
 
 
 class InputError(errors.Error):
@@ -256,12 +257,13 @@ def _worker_init(worker_index, worker_count):
 def _grain(dataset, config, streamed):
   """A grain MapDataset -> an iterator; with config.num_workers > 0 the map runs in that
   many worker processes (each a slice of the batches, output in order). Each process
-  that maps makes config.read_threads batches at once (None: READ_THREADS if `streamed`,
-  else 0), buffering config.prefetch of them (None: 2 per thread)."""
+  that maps makes config.read_threads batches at once (None: READ_THREADS if `streamed`
+  and there are no workers, else 0), buffering config.prefetch of them (None: 2 per
+  thread)."""
   import grain  # pylint: disable=import-outside-toplevel
   workers = int(_get(config, "num_workers"))
   threads, prefetch = _get(config, "read_threads"), _get(config, "prefetch")
-  threads = (READ_THREADS if streamed else 0) if threads is None else int(threads)
+  threads = (READ_THREADS if streamed and not workers else 0) if threads is None else int(threads)
   prefetch = 2 * threads if prefetch is None else int(prefetch)
   ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch))
   if workers > 0:

@@ -92,8 +92,9 @@ class _BoxCodec:
 @pytest.mark.parametrize("workers", [0, 2])
 def test_read_threads_and_workers_give_the_same_batches(built, tok, workers):
   plain = ip.training(config(built, read_threads=0), batch_size=4, seed=3, tokenizer=tok)
-  threaded = ip.training(config(built, num_workers=workers), batch_size=4, seed=3, tokenizer=tok)
-  for _ in range(6):  # READ_THREADS batches at once in each process that maps (the default)
+  threaded = ip.training(config(built, num_workers=workers, read_threads=2), batch_size=4, seed=3,
+                         tokenizer=tok)
+  for _ in range(6):  # 2 batches at once in each process that maps
     x, y = next(plain), next(threaded)
     for k in x:
       np.testing.assert_array_equal(x[k], y[k])
