@@ -165,6 +165,13 @@ def profile_step(ours, images, text, top=8):
   return rows
 
 
+def set_roofline(row, bandwidth):
+  """The row's roofline columns from its step_mb and `bandwidth` (bytes/s)."""
+  row.update(roofline_ms=1e3 * row["step_mb"] * 1e6 / bandwidth,
+             bandwidth_gb_s=bandwidth / 1e9)
+  row["step_vs_roofline"] = row["step_ms_ours"] / row["roofline_ms"]
+
+
 def decode_rate(tokens, seconds):
   """Tokens/s of the decode steps; None when they took no measurable time (tiny models)."""
   return tokens / seconds if seconds > 1e-3 else None
@@ -198,14 +205,11 @@ def bench_config(name, batches, dtypes, steps, repeats, profiles=None):
       step = {k: max(gen[k] - one[k], 0.0) / (steps - 1) for k in gen}
       best_hf = min(hfs, key=lambda k: gen[k])
       cache_len = (cfg.img.image_size // cfg.img.patch_size) ** 2 + PROMPT_LEN + steps
-      nbytes = step_bytes(cfg, batch, cache_len, dtype)
-      roofline = nbytes / bandwidth.best
       new = batch * steps
       row = dict(config=name, dtype=dtype, batch=batch, prefill_ms_ours=1e3 * one["ours"],
                  prefill_ms_hf=1e3 * one[best_hf], step_ms_ours=1e3 * step["ours"],
-                 step_mb=nbytes / 1e6, roofline_ms=1e3 * roofline,
-                 step_vs_roofline=step["ours"] / roofline,
-                 bandwidth_gb_s=bandwidth.best / 1e9)
+                 step_mb=step_bytes(cfg, batch, cache_len, dtype) / 1e6)
+      set_roofline(row, bandwidth.best)
       row.update({f"step_ms_{k}": 1e3 * step[k] for k in hfs})
       row.update(tok_s_ours=new / gen["ours"], tok_s_best_hf=new / gen[best_hf], best_hf=best_hf,
                  ratio_tok_s=gen[best_hf] / gen["ours"],
@@ -221,9 +225,7 @@ def bench_config(name, batches, dtypes, steps, repeats, profiles=None):
         print(common.format_table(profiles[-10:]), flush=True)
     del hf_model
   for row in rows:  # Every row against the best bandwidth of the run.
-    row.update(roofline_ms=row["step_mb"] * 1e-3 / (bandwidth.best / 1e9),
-               bandwidth_gb_s=bandwidth.best / 1e9)
-    row["step_vs_roofline"] = row["step_ms_ours"] / row["roofline_ms"]
+    set_roofline(row, bandwidth.best)
   return rows
 
 

@@ -25,14 +25,15 @@ out-of-range write cannot raise, and XLA would clamp it onto the last slots.
 
 Dot layout (`dot_layout=True`, for decoding): the layers are separate modules
 `layers_{i}` (their own buffers and caches [B, S, K, H], not one scan, whose per-layer
-slices XLA copies on every step); each layer weight has its contracted axes last ([out, in], what XLA:CPU's dot kernels read without a transpose), the
-query and output projections as 2-D matrices (XLA:CPU transposes a 3-D [N, H, D] weight
-on every step) and the tied table is [D, V] (its matrix-vector product streams it in
-order): `input_embedding` [D, V], `layers_{i}/attn/q_einsum/w` [N*H, D], `kv_einsum/w`
-[2, K, H, D], `attn_vec_einsum/w` [D, N*H], `mlp/gating_einsum` [2, F, D], `mlp/linear`
-[D, F]. `to_dot_layout`
-converts a checkpoint's tree once, outside any loop (XLA would otherwise transpose each
-weight on every decode step). Its initialisers only serve shapes: never train it.
+slices XLA copies on every step); each layer weight has its contracted axes last
+([out, in], what XLA:CPU's dot kernels read without a transpose), the query and output
+projections as 2-D matrices (XLA:CPU transposes a 3-D [N, H, D] weight on every step),
+and the tied table is [D, V] (its matrix-vector product streams it in order):
+`input_embedding` [D, V], `layers_{i}/attn/q_einsum/w` [N*H, D], `kv_einsum/w`
+[2, K, H, D], `attn_vec_einsum/w` [D, N*H], `mlp/gating_einsum` [2, F, D],
+`mlp/linear` [D, F]. `to_dot_layout` converts a checkpoint's tree once, outside any
+loop (XLA would otherwise transpose each weight on every decode step). Its
+initialisers only serve shapes: never train it.
 """
 from typing import Any
 
