@@ -18,8 +18,10 @@ step's losses must agree. step_ratio = HF step time / ours (> 1: we are faster),
 of interleaved repeats (ours, HF, matmul peak, ours, HF, ...) after a warm-up each.
 gflop_step: the model's FLOPs for the step: our step's from XLA's cost analysis with the
 layer scans fully unrolled at depths (img, llm) = (1, 1), (2, 1), (1, 2) and extrapolated
-to the real depths (XLA counts a loop body once), less the head's products on the rows of
-weight 0 that `losses.head_loss` computes beside the loss positions (`losses.head_rows`). MFU = gflop_step / step time / peak, the peak being the best
+to the real depths (XLA counts a loop body once), with XLA's count of the vocabulary head
+(`losses.head_loss`: a switch over chunk sizes, counted at the largest) replaced by that of
+the same loss on exactly the loss positions, as HF computes it; both sides are credited
+with the same useful work. MFU = gflop_step / step time / peak, the peak being the best
 FLOP/s of a 2048^3 float32 jitted matmul timed between the steps of the same row.
 --profile adds a table of where our step's time goes (its jitted parts timed alone).
 --allocators: our step (batch 2, text 64) under each glibc malloc setting of ALLOCATORS,
@@ -121,6 +123,28 @@ def step_flops(variant, data):
   return f11 + (cfg.img.depth - 1) * (f21 - f11) + (cfg.llm.depth - 1) * (f12 - f11)
 
 
+def head_flops_excess(variant, data):
+  """The FLOPs of a head on exactly the loss positions (HF's `logits_to_keep`) less XLA's
+  count of `losses.head_loss` in our step: its switch counted at the largest chunk
+  size and its loop body once, whatever the count (see the docstring)."""
+  llm = pg.get_config(variant).llm
+  b, t = data["text"].shape
+  targets, weights = data["text"][:, 1:], data["mask_loss"][:, 1:]
+  n = t - PREFIX_LEN  # The loss positions are the last n.
+
+  def exact(hidden, table):
+    logits = jnp.einsum("BnD,VD->BnV", hidden[:, -n:], table)
+    return losses.per_example_loss(logits, targets[:, -n:], weights[:, -n:]).mean()
+
+  def flops(loss):
+    args = (jax.ShapeDtypeStruct((b, t - 1, llm.width), jnp.float32),
+            jax.ShapeDtypeStruct((llm.vocab_size, llm.width), jnp.float32))
+    cost = jax.jit(jax.grad(loss, (0, 1))).lower(*args).compile().cost_analysis()
+    return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+
+  return flops(exact) - flops(lambda h, w: losses.head_loss(h, w, targets, weights)[0])
+
+
 class Ours:
   """Our jitted training step; `reset` starts again from `params`."""
 
@@ -197,12 +221,12 @@ def bench_row(name, ours, hf, image_size, batch, text_len, repeats, peak_n):
   t_ours, t_hf, _ = common.interleaved([lambda: ours.step(data), lambda: hf.step(prepared), peak],
                                        repeats)
   n_loss = batch * (text_len - PREFIX_LEN)
-  llm = pg.get_config(name).llm  # Model FLOPs: less the head's rows of weight 0 (3 products).
-  wasted = losses.head_rows(batch, text_len - 1, text_len - PREFIX_LEN) - n_loss
-  flops = step_flops(name, data) - 6 * wasted * llm.width * llm.vocab_size
+  flops = step_flops(name, data) + head_flops_excess(name, data)
   return dict(
       config=name, batch=batch, text_len=text_len, step_s_ours=t_ours, step_s_hf=t_hf,
-      step_ratio=common.ratio(t_hf, t_ours), loss_tok_s_ours=n_loss / t_ours,
+      step_ratio=common.ratio(t_hf, t_ours), loss_positions=n_loss,
+      head_rows_ours=losses.head_rows(n_loss, batch * (text_len - 1)),
+      loss_tok_s_ours=n_loss / t_ours,
       loss_tok_s_hf=n_loss / t_hf, gflop_step=flops / 1e9, peak_gflop_s=peak.best / 1e9,
       mfu_ours=flops / t_ours / peak.best, mfu_hf=flops / t_hf / peak.best,
       first_loss_ours=loss_ours, first_loss_hf=loss_hf, loss_diff=abs(loss_ours - loss_hf))
@@ -366,7 +390,7 @@ def main(argv=None):
       profile_rows.append(dict(part="(HF: kernel CPU time per step)", seconds=hf_stime))
       profile_rows.append(dict(part="(HF: minor page faults per step)", seconds=hf_faults))
   columns = ["config", "batch", "text_len", "step_s_ours", "step_s_hf", "step_ratio",
-             "loss_tok_s_ours", "loss_tok_s_hf", "gflop_step", "peak_gflop_s", "mfu_ours",
+             "loss_positions", "head_rows_ours", "loss_tok_s_ours", "loss_tok_s_hf", "gflop_step", "peak_gflop_s", "mfu_ours",
              "mfu_hf", "first_loss_ours", "first_loss_hf", "loss_diff"]
   notes = [
       f"float32 both sides; HF transformers {transformers.__version__} (torch {torch.__version__}, "
@@ -375,7 +399,8 @@ def main(argv=None):
       f"Text: {PREFIX_LEN} prompt tokens then the answer (loss) tokens, after the image tokens; "
       "image side frozen, LLM trained (AdamW lr 1e-4, wd 0.01, clip 1.0) on both sides.",
       "step_ratio = HF step time / ours (> 1: we are faster); loss_diff = |first-step loss ours - "
-      "HF| (same weights and batch).",
+      "HF| (same weights and batch); head_rows_ours: the rows our head computes for the "
+      "loss_positions (HF's: exactly those).",
   ]
   if profile_rows:
     print("\nOur step at batch 4, text 64, its parts timed alone (seconds; medians):")

@@ -104,7 +104,8 @@ def state_plan(config, model, mesh, total_steps, lora_cfg=None):
 
 def jit_update(config, model, mesh, plan, lora_cfg=None, loc_start=None):
   """The jitted train step (state donated) and its loss_fn, with the plan's shardings."""
-  loss_fn = make_loss_fn(model, config, plan.mask, lora_cfg, loc_start=loc_start)
+  loss_fn = make_loss_fn(model, config, plan.mask, lora_cfg, loc_start=loc_start,
+                         batch_shards=mesh.size)
   repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   update = jax.jit(make_update_fn(loss_fn, plan.tx, plan.mask, config, plan.sched_fns),
                    in_shardings=(plan.sharding, sharding.batch_sharding(mesh), repl),
@@ -140,8 +141,11 @@ def data_class_names(config):
   return input_pipeline.class_names(config.input)
 
 
-def make_loss_fn(model, config, mask, lora_cfg, loc_start=None):
+def make_loss_fn(model, config, mask, lora_cfg, loc_start=None, batch_shards=1):
   """loss_fn(params, batch, rng) -> (mean loss, per-example losses [B]).
+
+  `batch_shards`: how many devices split the batch (`sharding.batch_sharding`); the head
+  gathers each shard's loss positions on its own device.
 
   `config.loc_label_smoothing = dict(sigma_bins=S)` with S > 0 needs `loc_start`, the
   id of `<loc0000>` (the tokenizer's `loc_id(0)`); S = 0 is the plain one-hot loss.
@@ -173,7 +177,7 @@ def make_loss_fn(model, config, mask, lora_cfg, loc_start=None):
     hidden = model.apply({"params": params}, batch["image"], text[:, :-1], mask_ar[:, :-1],
                          train=True, rngs={"dropout": rng}, method="text_hidden")
     return losses.head_loss(hidden, params["llm"]["embedder"]["input_embedding"], targets,
-                            weights, model.llm.get("final_logits_softcap"))
+                            weights, model.llm.get("final_logits_softcap"), groups=batch_shards)
   return loss_fn
 
 
