@@ -390,8 +390,8 @@ def main(argv=None):
       profile_rows.append(dict(part="(HF: kernel CPU time per step)", seconds=hf_stime))
       profile_rows.append(dict(part="(HF: minor page faults per step)", seconds=hf_faults))
   columns = ["config", "batch", "text_len", "step_s_ours", "step_s_hf", "step_ratio",
-             "loss_positions", "head_rows_ours", "loss_tok_s_ours", "loss_tok_s_hf", "gflop_step", "peak_gflop_s", "mfu_ours",
-             "mfu_hf", "first_loss_ours", "first_loss_hf", "loss_diff"]
+             "loss_positions", "head_rows_ours", "loss_tok_s_ours", "loss_tok_s_hf", "gflop_step",
+             "peak_gflop_s", "mfu_ours", "mfu_hf", "first_loss_ours", "first_loss_hf", "loss_diff"]
   notes = [
       f"float32 both sides; HF transformers {transformers.__version__} (torch {torch.__version__}, "
       f"{torch.get_num_threads()} threads, sdpa, logits_to_keep = loss positions) vs jax "
