@@ -169,15 +169,18 @@ def report(title, rows, args, columns=None, notes=(), extra=None):
     print(f"Wrote {args.json}")
 
 
-def interleaved(fns, repeats, warmup=1):
+def interleaved(fns, repeats, warmup=1, pause=0.0):
   """Median seconds of each fn, calling them in turn (fn0, fn1, ..., fn0, ...) `repeats`
-  times after `warmup` calls each, so that a busy machine slows every side alike."""
+  times after `warmup` calls each, so that a busy machine slows every side alike.
+  `pause` seconds of sleep before each timed call let the previous side's threads go
+  idle (OpenMP and XLA's pools spin a while after their work) outside anyone's time."""
   for fn in fns:
     for _ in range(warmup):
       fn()
   times = [[] for _ in fns]
   for _ in range(repeats):
     for i, fn in enumerate(fns):
+      time.sleep(pause)
       t = time.perf_counter()
       fn()
       times[i].append(time.perf_counter() - t)

@@ -13,9 +13,10 @@ recipe: SigLIP and the projection frozen, the LLM trained), float32 on both side
         prompt), the same loss, backward, clip_grad_norm_(1.0), torch.optim.AdamW
         (foreach); vision tower and projector with requires_grad=False.
 Rows: batch 1-8 at 64 text tokens (16 prompt + 48 answer), then text length 32-256 at
-batch 2 (16-token prompt). Each row starts both sides from the same weights; the first
-step's losses must agree. step_ratio = HF step time / ours (> 1: we are faster), medians
-of interleaved repeats (ours, HF, matmul peak, ours, HF, ...) after a warm-up each.
+batch 2 (16-token prompt); `--shapes 4x64,8x64` picks rows. Each row starts both sides
+from the same weights; the first step's losses must agree. step_ratio = HF step time / ours
+(> 1: we are faster), medians of interleaved repeats (ours, HF, matmul peak, ours, HF, ...)
+after a warm-up each.
 gflop_step: the model's FLOPs for the step: our step's from XLA's cost analysis with the
 layer scans fully unrolled at depths (img, llm) = (1, 1), (2, 1), (1, 2) and extrapolated
 to the real depths (XLA counts a loop body once), with XLA's count of the vocabulary head
@@ -211,7 +212,7 @@ class HF:
     return float(loss.detach())
 
 
-def bench_row(name, ours, hf, image_size, batch, text_len, repeats, peak_n):
+def bench_row(name, ours, hf, image_size, batch, text_len, repeats, peak_n, pause=0.0):
   data = make_batch(batch, image_size, text_len)
   prepared = hf.prepare(data)
   ours.reset()
@@ -219,7 +220,7 @@ def bench_row(name, ours, hf, image_size, batch, text_len, repeats, peak_n):
   loss_ours, loss_hf = ours.step(data), hf.step(prepared)  # Same weights: the same loss.
   peak = Peak(peak_n)
   t_ours, t_hf, _ = common.interleaved([lambda: ours.step(data), lambda: hf.step(prepared), peak],
-                                       repeats)
+                                       repeats, pause=pause)
   n_loss = batch * (text_len - PREFIX_LEN)
   flops = step_flops(name, data) + head_flops_excess(name, data)
   return dict(
@@ -343,6 +344,10 @@ def main(argv=None):
                                                       "--quick: tiny)")
   parser.add_argument("--repeats", type=int, default=None)
   parser.add_argument("--profile", action="store_true", help="also time our step's parts")
+  parser.add_argument("--pause", type=float, default=0.0,
+                      help="seconds of sleep before each timed call (common.interleaved)")
+  parser.add_argument("--shapes", default=None, metavar="BxT,...",
+                      help="only these rows, batch x text length (e.g. 4x64,8x64)")
   parser.add_argument("--allocators", type=int, metavar="ROUNDS",
                       help="only compare the malloc settings (ALLOCATORS), ROUNDS rounds")
   parser.add_argument("--allocator_probe", choices=ALLOCATORS, help=argparse.SUPPRESS)
@@ -366,6 +371,8 @@ def main(argv=None):
   peak_n = 1024 if args.quick else 2048
   shapes = ([(2, 32), (4, 32)] if args.quick else
             [(1, 64), (2, 64), (4, 64), (8, 64), (2, 32), (2, 128), (2, 256)])
+  if args.shapes:
+    shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.shapes.split(",")]
   rows, profile_rows = [], []
   for name in variant.split(","):
     cfg = pg.get_config(name)
@@ -375,7 +382,8 @@ def main(argv=None):
       hf = HF(model_bench.load_hf(params, cfg, folder))
     ours = Ours(name, params)
     for batch, text_len in shapes:
-      rows.append(bench_row(name, ours, hf, cfg.img.image_size, batch, text_len, repeats, peak_n))
+      rows.append(bench_row(name, ours, hf, cfg.img.image_size, batch, text_len, repeats, peak_n,
+                            args.pause))
       print(common.format_table(rows[-1:]), flush=True)
     if args.profile:
       data = make_batch(4, cfg.img.image_size, 64)
