@@ -23,6 +23,7 @@ import os
 import pathlib
 import shutil
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -87,25 +88,29 @@ def _root_cause(e):
   return e, f"{type(e).__name__}: {lines[0] if lines else ''}"
 
 
-def _is_echo(unraisable):
-  """One of the tracebacks a failed orbax read leaves: its other reads end on a closed loop."""
-  e = unraisable.exc_value
+def _is_echo(e):
+  """One of the errors a failed orbax read leaves: its other reads end on a closed loop."""
   return ((isinstance(e, RuntimeError) and str(e) == "Event loop is closed")
           or (type(e) is Exception  # pylint: disable=unidiomatic-typecheck
               and str(e).startswith("Encountered error while reading array index")))
 
 
 def _drop_echoes():
-  """From now on, sys.unraisablehook drops those echoes of an error already reported."""
-  previous = sys.unraisablehook
-  if getattr(previous, "drops_orbax_echoes", False):
+  """From now on, Python's hooks for errors nobody caught drop those echoes of an error
+  already reported: unraisable ones, a thread's, and those native callbacks (tensorstore
+  calling into a closed event loop) print through sys.excepthook."""
+  if getattr(sys.unraisablehook, "drops_orbax_echoes", False):
     return
 
-  def hook(unraisable):
-    if not _is_echo(unraisable):
-      previous(unraisable)
-  hook.drops_orbax_echoes = True
-  sys.unraisablehook = hook
+  def filtered(previous, error_of):
+    def hook(*args):
+      if not _is_echo(error_of(*args)):
+        previous(*args)
+    hook.drops_orbax_echoes = True
+    return hook
+  sys.unraisablehook = filtered(sys.unraisablehook, lambda unraisable: unraisable.exc_value)
+  threading.excepthook = filtered(threading.excepthook, lambda args: args.exc_value)
+  sys.excepthook = filtered(sys.excepthook, lambda kind, value, tb: value)
 
 
 @contextlib.contextmanager

@@ -270,3 +270,27 @@ def test_predict_without_step_falls_back_to_the_newest_intact_step(demo_workdir,
              for r in caplog.records)
   assert json.loads((tmp_path / "out" / "x.json").read_text())["model"]["step"] == 4
   assert (workdir / "checkpoints" / "8").is_dir()  # predict is read-only
+
+
+ECHO_PROBE = """
+import sys, threading
+from big_vision_cxr import checkpointing
+checkpointing._drop_echoes()
+echo = RuntimeError("Event loop is closed")
+sys.excepthook(RuntimeError, echo, None)  # What a native callback's PyErr_Print calls.
+thread = threading.Thread(target=lambda: (_ for _ in ()).throw(echo))
+thread.start(); thread.join()
+sys.unraisablehook(type("U", (), dict(exc_value=echo, exc_type=RuntimeError,
+                                      exc_traceback=None, err_msg=None, object=None))())
+sys.excepthook(ValueError, ValueError("a real error"), None)
+"""
+
+
+def test_echoes_of_a_failed_read_are_dropped_from_every_hook_and_nothing_else():
+  """After a failed orbax read, its echoes ("Event loop is closed" from tensorstore's
+  callbacks, in whichever hook they surface) print nothing; other errors still print."""
+  out = subprocess.run([sys.executable, "-c", ECHO_PROBE], cwd=lib.REPO, capture_output=True,
+                       text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert out.returncode == 0, out.stderr
+  assert "Event loop is closed" not in out.stderr, out.stderr
+  assert "ValueError: a real error" in out.stderr
