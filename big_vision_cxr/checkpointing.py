@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import shutil
 import sys
 import threading
@@ -89,18 +90,27 @@ def _root_cause(e):
 
 
 def _is_echo(e):
-  """One of the errors a failed orbax read leaves: its other reads end on a closed loop."""
+  """One of the errors a failed orbax read leaves: its other reads end on a closed loop,
+  or fail on the same corrupt file in futures nobody awaits any more."""
   return ((isinstance(e, RuntimeError) and str(e) == "Event loop is closed")
           or (type(e) is Exception  # pylint: disable=unidiomatic-typecheck
-              and str(e).startswith("Encountered error while reading array index")))
+              and str(e).startswith("Encountered error while reading array index"))
+          or (isinstance(e, ValueError) and re.match(r"[A-Z_]+: Error reading ", str(e))))
+
+
+def _not_an_echo(record):
+  """asyncio's "exception was never retrieved" log records keep only non-echoes."""
+  return not (record.exc_info and _is_echo(record.exc_info[1]))
 
 
 def _drop_echoes():
   """From now on, Python's hooks for errors nobody caught drop those echoes of an error
-  already reported: unraisable ones, a thread's, and those native callbacks (tensorstore
-  calling into a closed event loop) print through sys.excepthook."""
+  already reported: unraisable ones, a thread's, those native callbacks (tensorstore
+  calling into a closed event loop) print through sys.excepthook, and those asyncio logs
+  for futures garbage-collected with their error unread."""
   if getattr(sys.unraisablehook, "drops_orbax_echoes", False):
     return
+  logging.getLogger("asyncio").addFilter(_not_an_echo)
 
   def filtered(previous, error_of):
     def hook(*args):

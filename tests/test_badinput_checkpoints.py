@@ -273,9 +273,16 @@ def test_predict_without_step_falls_back_to_the_newest_intact_step(demo_workdir,
 
 
 ECHO_PROBE = """
-import sys, threading
+import asyncio, gc, logging, sys, threading
 from big_vision_cxr import checkpointing
+logging.basicConfig()
 checkpointing._drop_echoes()
+loop = asyncio.new_event_loop()
+for text in ['OUT_OF_RANGE: Error reading "a" in OCDBT database', "a real future error"]:
+  future = loop.create_future()  # Garbage-collected with its error unread: asyncio logs it.
+  future.set_exception(ValueError(text))
+  del future
+  gc.collect()
 echo = RuntimeError("Event loop is closed")
 sys.excepthook(RuntimeError, echo, None)  # What a native callback's PyErr_Print calls.
 thread = threading.Thread(target=lambda: (_ for _ in ()).throw(echo))
@@ -288,9 +295,12 @@ sys.excepthook(ValueError, ValueError("a real error"), None)
 
 def test_echoes_of_a_failed_read_are_dropped_from_every_hook_and_nothing_else():
   """After a failed orbax read, its echoes ("Event loop is closed" from tensorstore's
-  callbacks, in whichever hook they surface) print nothing; other errors still print."""
+  callbacks, in whichever hook they surface, and the unread errors of its other reads)
+  print nothing; other errors still print."""
   out = subprocess.run([sys.executable, "-c", ECHO_PROBE], cwd=lib.REPO, capture_output=True,
                        text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert out.returncode == 0, out.stderr
   assert "Event loop is closed" not in out.stderr, out.stderr
+  assert "Error reading" not in out.stderr, out.stderr
   assert "ValueError: a real error" in out.stderr
+  assert "ValueError: a real future error" in out.stderr
