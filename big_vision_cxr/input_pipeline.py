@@ -23,9 +23,9 @@ Design (the config shape is in docs/DATA.md):
   the same global sequence and share one state:
   {'next_example': g, 'unit_counts': {unit: examples drawn}}.
 - grain runs it: a MapDataset whose i-th element is this process's i-th example
-  (fetch, curate, image pp, tokenise), batched; `num_workers` > 0 does that in
-  worker processes (ending with the trainer), each a slice of the batches, the
-  order unchanged. `read_threads` > 0 makes that many batches at once in each
+  (fetch, curate, image pp, tokenise), batched; in training, `num_workers` > 0 does
+  that in worker processes (ending with the trainer), each a slice of the batches, the
+  order unchanged; evaluation reads in the calling process. `read_threads` > 0 makes that many batches at once in each
   process that maps; by default (None) READ_THREADS for streamed data with 0 workers
   (PNG decoding releases the GIL: one process then uses more than one core, and a
   record read from storage does not stop it), else none (in workers they cost more
@@ -254,14 +254,13 @@ def _worker_init(worker_index, worker_count):
     logging.warning("grain workers will outlive a killed trainer (no prctl on this system)")
 
 
-def _grain(dataset, config, streamed):
-  """A grain MapDataset -> an iterator; with config.num_workers > 0 the map runs in that
-  many worker processes (each a slice of the batches, output in order). Each process
-  that maps makes config.read_threads batches at once (None: READ_THREADS if `streamed`
-  and there are no workers, else 0), buffering config.prefetch of them (None: 2 per
+def _grain(dataset, config, streamed, workers):
+  """A grain MapDataset -> an iterator; with `workers` > 0 the map runs in that many
+  worker processes (each a slice of the batches, output in order). Each process that
+  maps makes config.read_threads batches at once (None: READ_THREADS if `streamed` and
+  there are no workers, else 0), buffering config.prefetch of them (None: 2 per
   thread)."""
   import grain  # pylint: disable=import-outside-toplevel
-  workers = int(_get(config, "num_workers"))
   threads, prefetch = _get(config, "read_threads"), _get(config, "prefetch")
   threads = (READ_THREADS if streamed and not workers else 0) if threads is None else int(threads)
   prefetch = 2 * threads if prefetch is None else int(prefetch)
@@ -339,7 +338,8 @@ class TrainIterator:
         self._restart(self._seq.counts(self._g))
       import grain  # pylint: disable=import-outside-toplevel
       self._it = _grain(grain.MapDataset.range(1 << 40).map(self.examples.train).batch(
-          self.batch_size, batch_fn=stream.stack_train), self.config, self.examples.streamed)
+          self.batch_size, batch_fn=stream.stack_train), self.config, self.examples.streamed,
+          workers=int(_get(self.config, "num_workers")))
     batch = next(self._it)
     self._g += self.batch_size * self.process_count
     for task_id, cut in zip(batch["task_id"], batch.pop("truncated")):
@@ -379,7 +379,10 @@ def evaluation(config, *, task, split, batch_size, seg_codec=None, process_index
   prompt with the ground truths' prefixes. Process p
   takes examples p, p + P, ...; every process yields the same number of batches
   (multi-host jit needs it), padded by repeating an example with valid=False;
-  `ground_truths` lists only the valid rows, which come first. seg_codec,
+  `ground_truths` lists only the valid rows, which come first. Examples are made in
+  this process (config.read_threads at once; num_workers is for training): worker
+  processes would start afresh for every call, seconds each, and an eval's time is
+  the model's decoding. seg_codec,
   class_names, image_size: as in `training`. train_config: the input config the
   evaluated model was trained on (when it is not `config`): patients of its
   training split found in `split` are an error, or left out (shared_patients).
@@ -403,7 +406,7 @@ def evaluation(config, *, task, split, batch_size, seg_codec=None, process_index
   make = _examples(config, plan, seg_codec=seg_codec, class_names=names, image_size=image_size)
   import grain  # pylint: disable=import-outside-toplevel
   batches = _grain(grain.MapDataset.source(items).map(make.get).batch(
-      batch_size, batch_fn=stream.stack_eval), config, make.streamed)
+      batch_size, batch_fn=stream.stack_eval), config, make.streamed, workers=0)
   for b in range(n_batches):
     images, gts = next(batches)
     yield {"image": make.model_input.finish(images), "valid": valid[b]}, gts

@@ -102,6 +102,19 @@ def test_read_threads_and_workers_give_the_same_batches(built, tok, workers):
   threaded.close()
 
 
+def test_evaluation_starts_no_worker_processes_whatever_num_workers_says(built):
+  """Workers would start afresh for every eval call (seconds each): eval reads here."""
+  import multiprocessing  # pylint: disable=import-outside-toplevel
+  kw = dict(task="diagnosis", split="test", batch_size=3)
+  with_workers = ip.evaluation(config(built, num_workers=2), **kw)
+  first = next(with_workers)
+  assert not multiprocessing.active_children()
+  plain = list(ip.evaluation(config(built), **kw))
+  for (x, gx), (y, gy) in zip([first, *with_workers], plain, strict=True):
+    np.testing.assert_array_equal(x["image"], y["image"])
+    assert gx == gy
+
+
 def test_stream_draws_tasks_at_their_rates(built, tok):
   it = ip.training(config(built), batch_size=100, seed=1, tokenizer=tok)
   n = 3000
