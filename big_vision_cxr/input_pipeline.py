@@ -25,11 +25,12 @@ Design (the config shape is in docs/DATA.md):
 - grain runs it: a MapDataset whose i-th element is this process's i-th example
   (fetch, curate, image pp, tokenise), batched; in training, `num_workers` > 0 does
   that in worker processes (ending with the trainer), each a slice of the batches, the
-  order unchanged; evaluation reads in the calling process. `read_threads` > 0 makes that many batches at once in each
-  process that maps; by default (None) READ_THREADS for streamed data with 0 workers
-  (PNG decoding releases the GIL: one process then uses more than one core, and a
-  record read from storage does not stop it), else none (in workers they cost more
-  CPU than they save when the data is in the page cache: docs/RESULTS.md, issue 13).
+  order unchanged; evaluation maps in the calling process. `read_threads` > 0 makes
+  that many batches at once in each process that maps; by default (None) READ_THREADS
+  for streamed data with 0 workers (PNG decoding releases the GIL: one process then
+  uses more than one core, and a record read from storage does not stop it), else none
+  (in workers they cost more CPU than they save when the data is in the page cache:
+  docs/RESULTS.md, issue 13).
   A record that cannot be read is logged and replaced by its unit's next example.
 - `object_tasks_positives_only=True` keeps (in training only) just the
   detection/segmentation examples with at least one object.
@@ -382,8 +383,7 @@ def evaluation(config, *, task, split, batch_size, seg_codec=None, process_index
   `ground_truths` lists only the valid rows, which come first. Examples are made in
   this process (config.read_threads at once; num_workers is for training): worker
   processes would start afresh for every call, seconds each, and an eval's time is
-  the model's decoding. seg_codec,
-  class_names, image_size: as in `training`. train_config: the input config the
+  the model's decoding. seg_codec, class_names, image_size: as in `training`. train_config: the input config the
   evaluated model was trained on (when it is not `config`): patients of its
   training split found in `split` are an error, or left out (shared_patients).
   """
