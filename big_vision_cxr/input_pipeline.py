@@ -383,9 +383,10 @@ def evaluation(config, *, task, split, batch_size, seg_codec=None, process_index
   `ground_truths` lists only the valid rows, which come first. Examples are made in
   this process (config.read_threads at once; num_workers is for training): worker
   processes would start afresh for every call, seconds each, and an eval's time is
-  the model's decoding. seg_codec, class_names, image_size: as in `training`. train_config: the input config the
-  evaluated model was trained on (when it is not `config`): patients of its
-  training split found in `split` are an error, or left out (shared_patients).
+  the model's decoding. seg_codec, class_names, image_size: as in `training`.
+  train_config: the input config the evaluated model was trained on (when it is not
+  `config`): patients of its training split found in `split` are an error, or left out
+  (shared_patients).
   """
   if task not in prompts.TASKS:
     raise InputError(f"unknown task {task!r}; known: {prompts.TASKS}")

@@ -2,6 +2,7 @@
 hosts, bad records, and exact resume after SIGKILL (with a grain worker process)."""
 import collections
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -104,7 +105,6 @@ def test_read_threads_and_workers_give_the_same_batches(built, tok, workers):
 
 def test_evaluation_starts_no_worker_processes_whatever_num_workers_says(built):
   """Workers would start afresh for every eval call (seconds each): eval reads here."""
-  import multiprocessing  # pylint: disable=import-outside-toplevel
   kw = dict(task="diagnosis", split="test", batch_size=3)
   with_workers = ip.evaluation(config(built, num_workers=2), **kw)
   first = next(with_workers)
