@@ -129,14 +129,15 @@ def _reading(step_dir, what):
 
   Unreadable or undecodable data (a ValueError at the root, which is what tensorstore,
   json and utf-8 decoding raise) is a CorruptCheckpointError; anything else (permissions,
-  memory) is a plain CheckpointError, never a reason to skip the step.
+  memory) is a plain CheckpointError, never a reason to skip the step. The echo filters
+  go in before the read: a failed read's siblings can echo before its error reaches here.
   """
+  _drop_echoes()
   try:
     yield
   except CheckpointError:
     raise
   except Exception as e:  # pylint: disable=broad-except  # orbax raises bare Exceptions
-    _drop_echoes()
     root, text = _root_cause(e)
     cls = CorruptCheckpointError if isinstance(root, ValueError) else CheckpointError
     raise cls(f"checkpoint {step_dir}: {what} cannot be read ({text}).") from e

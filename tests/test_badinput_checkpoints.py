@@ -276,27 +276,28 @@ ECHO_PROBE = """
 import asyncio, gc, logging, sys, threading
 from big_vision_cxr import checkpointing
 logging.basicConfig()
-checkpointing._drop_echoes()
 loop = asyncio.new_event_loop()
-for text in ['OUT_OF_RANGE: Error reading "a" in OCDBT database', "a real future error"]:
-  future = loop.create_future()  # Garbage-collected with its error unread: asyncio logs it.
-  future.set_exception(ValueError(text))
-  del future
-  gc.collect()
 echo = RuntimeError("Event loop is closed")
-sys.excepthook(RuntimeError, echo, None)  # What a native callback's PyErr_Print calls.
-thread = threading.Thread(target=lambda: (_ for _ in ()).throw(echo))
-thread.start(); thread.join()
-sys.unraisablehook(type("U", (), dict(exc_value=echo, exc_type=RuntimeError,
-                                      exc_traceback=None, err_msg=None, object=None))())
-sys.excepthook(ValueError, ValueError("a real error"), None)
+with checkpointing._reading("step", "state"):  # Echoes can come before the read's own error.
+  for text in ['OUT_OF_RANGE: Error reading "a" in OCDBT database', "a real future error"]:
+    future = loop.create_future()  # Garbage-collected with its error unread: asyncio logs it.
+    future.set_exception(ValueError(text))
+    del future
+    gc.collect()
+  sys.excepthook(RuntimeError, echo, None)  # What a native callback's PyErr_Print calls.
+  thread = threading.Thread(target=lambda: (_ for _ in ()).throw(echo))
+  thread.start(); thread.join()
+  sys.unraisablehook(type("U", (), dict(exc_value=echo, exc_type=RuntimeError,
+                                        exc_traceback=None, err_msg=None, object=None))())
+  sys.excepthook(ValueError, ValueError("a real error"), None)
 """
 
 
 def test_echoes_of_a_failed_read_are_dropped_from_every_hook_and_nothing_else():
-  """After a failed orbax read, its echoes ("Event loop is closed" from tensorstore's
-  callbacks, in whichever hook they surface, and the unread errors of its other reads)
-  print nothing; other errors still print."""
+  """From the start of an orbax read, the echoes of its failure ("Event loop is closed"
+  from tensorstore's callbacks, in whichever hook they surface, and the unread errors of
+  its other reads) print nothing, even before the failure itself is raised; other errors
+  still print."""
   out = subprocess.run([sys.executable, "-c", ECHO_PROBE], cwd=lib.REPO, capture_output=True,
                        text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert out.returncode == 0, out.stderr
