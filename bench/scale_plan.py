@@ -32,7 +32,6 @@ per-device batch that fit. `--inference` plans greedy decoding instead (one devi
 bf16 weights and KV cache): `decode.make_generate_fn` compiled at the `--batches`.
 """
 import argparse
-import contextlib
 import functools
 import itertools
 import json
@@ -41,9 +40,7 @@ import pathlib
 import subprocess
 import sys
 import time
-from unittest import mock
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,14 +77,6 @@ def recipe_config(variant, recipe, remat, dtype, batch, microbatches, params="fl
   config.input.batch_size = batch
   config.microbatches = microbatches
   return config
-
-
-@contextlib.contextmanager
-def unrolled_scans():
-  """nn.scan fully unrolled (so that XLA's cost analysis sees every layer)."""
-  scan = nn.scan
-  with mock.patch.object(nn, "scan", lambda target, **kw: scan(target, unroll=kw["length"], **kw)):
-    yield
 
 
 def compile_step(config, mesh):
@@ -150,9 +139,9 @@ def flops_per_step(option, batch):
     config = recipe_config(**dict(option, microbatches=1), batch=batch)
     depths.setdefault("img", _depth(config, "img"))
     depths.setdefault("llm", _depth(config, "llm"))
-    config.model.img["depth"], config.model.llm["depth"] = d_img, d_llm
-    with unrolled_scans():
-      return _cost(compile_step(config, mesh)[0])
+    for part, depth in (("img", d_img), ("llm", d_llm)):  # Unrolled: XLA counts each layer.
+      config.model[part].update(depth=depth, scan_unroll=True)
+    return _cost(compile_step(config, mesh)[0])
 
   f11, f21, f12 = at(1, 1), at(2, 1), at(1, 2)
   c_img, c_llm = f21 - f11, f12 - f11

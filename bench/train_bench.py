@@ -7,7 +7,8 @@ to HF with `hf_interop.save_hf`), the same batch and the same frozen set (the pa
 recipe: SigLIP and the projection frozen, the LLM trained), float32 on both sides:
   ours  train.make_update_fn: the suffix token cross-entropy (the vocab head on the loss
         positions only), global-norm clip 1.0, Adam + decoupled weight decay (big_vision
-        chain, equal to AdamW), jitted, state donated.
+        chain, equal to AdamW), jitted, state donated; the LLM's layers unrolled
+        (`model.llm.scan_unroll=True`, the setting docs/TRAINING.md gives for CPU).
   HF    PaliGemmaForConditionalGeneration (sdpa attention, torch threads = cores) with
         `logits_to_keep` = the loss positions (its head never sees the image tokens or the
         prompt), the same loss, backward, clip_grad_norm_(1.0), torch.optim.AdamW
@@ -44,7 +45,6 @@ import numpy as np
 
 from bench import common
 from bench import model_bench
-from bench import scale_plan
 from big_vision_cxr import host_allocator
 from big_vision_cxr import losses
 from big_vision_cxr import optim
@@ -83,12 +83,13 @@ def make_batch(batch, image_size, text_len, seed=0):
 
 def recipe_config(variant, batch, depths=None):
   config = ml_collections.ConfigDict(dict(
-      model_name="paligemma", model=dict(variant=variant), input=dict(batch_size=batch),
+      model_name="paligemma", model=dict(variant=variant, img={}, llm=dict(scan_unroll=True)),
+      input=dict(batch_size=batch),
       lr=LR, wd=LR * TORCH_WD, wd_mults=[("llm/.*", 1.0)], grad_clip_norm=1.0,
       optax_name="scale_by_adam", optax=dict(b2=0.999),
       schedule=[("img/.*", None), ("llm/.*", dict(decay_type="constant"))]))
   if depths:
-    config.model.img, config.model.llm = dict(depth=depths[0]), dict(depth=depths[1])
+    config.model.img.depth, config.model.llm.depth = depths
   return config
 
 
@@ -111,12 +112,12 @@ def step_flops(variant, data):
 
   def at(d_img, d_llm):
     config = recipe_config(variant, len(data["text"]), (d_img, d_llm))
-    with scale_plan.unrolled_scans():
-      shapes = pg.param_shapes(model_common.model_config(config))
-      update, tx, _, _ = make_update(config, shapes)
-      state = jax.eval_shape(lambda p: {"step": jnp.zeros([], jnp.int32), "params": p,
-                                        "opt": tx.init(p)}, shapes)
-      cost = update.lower(state, batch, rng).compile().cost_analysis()
+    config.model.img.scan_unroll = True  # XLA counts each layer (llm: unrolled already).
+    shapes = pg.param_shapes(model_common.model_config(config))
+    update, tx, _, _ = make_update(config, shapes)
+    state = jax.eval_shape(lambda p: {"step": jnp.zeros([], jnp.int32), "params": p,
+                                      "opt": tx.init(p)}, shapes)
+    cost = update.lower(state, batch, rng).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost["flops"])
 

@@ -230,6 +230,33 @@ def test_bf16_remat_dropout_gradients():
   assert abs(float(bf16_loss) - float(base_loss)) < 0.5 * abs(float(base_loss))
 
 
+@pytest.mark.parametrize("unroll", [True, 2])
+def test_scan_unroll_leaves_no_layer_loop_and_changes_no_number(unroll):
+  """Unrolled layers (the XLA:CPU setting: its layer loop copies the stacked activations
+  the backward pass keeps) take the same params and give the same loss and gradients."""
+  cfg = pg.get_config("tiny_pg2").to_dict()  # depth 2 in each tower
+  _, params = _random_params(cfg)
+  image, text, mask_ar = _inputs(cfg["llm"]["vocab_size"], cfg["img"]["image_size"])
+
+  def grad_fn(value):
+    model_cfg = {part: dict(cfg[part], scan_unroll=value) for part in ("img", "llm")}
+    model = pg.Model(**model_cfg)
+    def loss(p):
+      logits, _ = model.apply({"params": p}, image, text, mask_ar)
+      return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+    assert jax.tree.map(lambda x: x.shape, pg.param_shapes(model_cfg)) == \
+        jax.tree.map(lambda x: x.shape, params)
+    return jax.jit(jax.value_and_grad(loss))
+
+  scanned, unrolled = grad_fn(False), grad_fn(unroll)
+  assert scanned.lower(params).compile().as_text().count(" while(") == 4  # 2 towers x fwd/bwd
+  assert unrolled.lower(params).compile().as_text().count(" while(") == 0
+  (loss, grad), (loss_u, grad_u) = scanned(params), unrolled(params)
+  np.testing.assert_allclose(loss_u, loss, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grad_u), jax.tree.leaves(grad)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
 def _vit_count(width, depth, mlp, patch, tokens, out):
   block = 4 * width + 4 * (width * width + width) + 2 * width * mlp + mlp + width
   return patch * patch * 3 * width + width + tokens * width + depth * block + 2 * width + width * out + out

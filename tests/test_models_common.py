@@ -53,6 +53,20 @@ def test_unknown_remat_is_a_config_error(value):
     common.model_config(_config(img=dict(remat=value)))
 
 
+@pytest.mark.parametrize("value, per_iteration", [(False, 1), (True, 2), (1, 1), (2, 2)])
+def test_scan_unroll_values_accepted(value, per_iteration):
+  cfg = common.model_config(_config(llm=dict(scan_unroll=value)))
+  assert cfg.llm.scan_unroll is value
+  assert common.scan_unroll(value, cfg.llm.depth) == per_iteration
+
+
+@pytest.mark.parametrize("value", [0, 3, -1, "all", 1.5, None])
+def test_bad_scan_unroll_is_a_config_error(value):
+  with pytest.raises(config_lib.ConfigError,
+                     match=rf"config.model.img.scan_unroll={value!r}: use True \(unroll all 2 "):
+    common.model_config(_config(img=dict(scan_unroll=value)))
+
+
 def test_cxr_mix_pg2_variant_fine_tunes_without_final_softcap():
   assert pg.get_config("pg2_3b_224").llm.final_logits_softcap == 30.0  # The pt models' value.
   config = config_lib.load_config(f"{CXR_MIX}:variant=pg2_3b_224")

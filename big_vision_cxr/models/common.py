@@ -41,11 +41,31 @@ def check_remat(part, value):
     raise config_lib.ConfigError(f"config.model.{part}.{e}") from None
 
 
+def scan_unroll(unroll, depth):
+  """A scan_unroll config value -> layers per loop iteration: True = all `depth` (no loop
+  left), False = 1 (a loop over the layers), else an int in [1, depth]."""
+  if unroll is True or unroll is False:
+    return depth if unroll else 1
+  if isinstance(unroll, int) and 1 <= unroll <= depth:
+    return unroll
+  raise ValueError(f"scan_unroll={unroll!r}: use True (unroll all {depth} layers), False, "
+                   f"or a number of layers per loop iteration in [1, {depth}].")
+
+
+def check_scan_unroll(part, cfg):
+  """config.model.{img,llm}.scan_unroll: see scan_unroll, else a ConfigError."""
+  try:
+    scan_unroll(cfg.get("scan_unroll", False), cfg["depth"])
+  except ValueError as e:
+    raise config_lib.ConfigError(f"config.model.{part}.{e}") from None
+
+
 def scan_blocks(block_cls, depth, remat, num_broadcast_args, static_argnums,
-                variable_axes=("params",)):
+                variable_axes=("params",), unroll=False):
   """Wraps `block_cls` (a module whose __call__(x, *broadcast) returns (x, None))
-  in optional remat and `nn.scan` over `depth` stacked layers. `static_argnums`
-  (counting `self` as 0) are the Python-valued arguments remat must not trace."""
+  in optional remat and `nn.scan` over `depth` stacked layers, `unroll` (see
+  scan_unroll) of them per loop iteration. `static_argnums` (counting `self` as 0) are
+  the Python-valued arguments remat must not trace."""
   use_remat, policy = remat_policy(remat)
   if use_remat:
     block_cls = nn.remat(block_cls, prevent_cse=False, policy=policy,
@@ -55,7 +75,7 @@ def scan_blocks(block_cls, depth, remat, num_broadcast_args, static_argnums,
       variable_axes={name: 0 for name in variable_axes},
       split_rngs={"params": True, "dropout": True},
       in_axes=(nn.broadcast,) * num_broadcast_args,
-      length=depth)
+      length=depth, unroll=scan_unroll(unroll, depth))
 
 
 def _is_model(module):
@@ -87,6 +107,7 @@ def model_config(config):
     for key, value in dict(overrides).items():
       cfg[part][key] = value
     check_remat(part, cfg[part].get("remat", False))
+    check_scan_unroll(part, cfg[part])
   dtype = config.get("compute_dtype")
   if dtype:
     for part in ("img", "llm"):

@@ -279,6 +279,7 @@ class Model(nn.Module):
   query_pre_attn_norm: str = "rsqrt_head_dim"
   dropout: float = 0.0
   remat: Any = False
+  scan_unroll: Any = False
   dtype: Any = jnp.float32
   dot_layout: bool = False
 
@@ -298,7 +299,8 @@ class Model(nn.Module):
       self.layers = [Block(**kw) for _ in range(self.depth)]
     else:
       blocks = common.scan_blocks(Block, self.depth, self.remat, num_broadcast_args=4,
-                                  static_argnums=(4, 5), variable_axes=("params", "cache"))
+                                  static_argnums=(4, 5), variable_axes=("params", "cache"),
+                                  unroll=self.scan_unroll)
       self.layers = blocks(**kw)
     self.final_norm = RMSNorm()
 

@@ -63,12 +63,13 @@ class Encoder(nn.Module):
   num_heads: int
   dropout: float = 0.0
   remat: Any = False
+  scan_unroll: Any = False
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, deterministic=True):
     blocks = common.scan_blocks(Encoder1DBlock, self.depth, self.remat, num_broadcast_args=1,
-                                static_argnums=(2,))
+                                static_argnums=(2,), unroll=self.scan_unroll)
     x, _ = blocks(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
                   dtype=self.dtype, name="encoderblock")(x, deterministic)
     return nn.LayerNorm(name="encoder_norm", dtype=self.dtype)(x)
@@ -86,6 +87,7 @@ class Model(nn.Module):
   dropout: float = 0.0
   head_zeroinit: bool = True
   remat: Any = False
+  scan_unroll: Any = False
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -105,8 +107,8 @@ class Model(nn.Module):
     x = x + posemb.astype(x.dtype)
     x = nn.Dropout(rate=self.dropout)(x, not train)
     x = Encoder(depth=self.depth, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
-                dropout=self.dropout, remat=self.remat, dtype=self.dtype,
-                name="Transformer")(x, deterministic=not train)
+                dropout=self.dropout, remat=self.remat, scan_unroll=self.scan_unroll,
+                dtype=self.dtype, name="Transformer")(x, deterministic=not train)
     out["encoded"] = x
     kernel_init = nn.initializers.zeros if self.head_zeroinit else nn.initializers.lecun_normal()
     x = nn.Dense(self.num_classes, kernel_init=kernel_init, name="head", dtype=self.dtype)(x)
