@@ -1,7 +1,7 @@
 """big_vision-style optimizer: a schedule list with freezing, lr/wd multipliers, LoRA.
 
 The chain (big_vision/optax.py order) is:
-  clip_by_global_norm (trainable) -> optax.<optax_name> (trainable)
+  clip_by_global_norm (trainable, optax's up to rounding) -> optax.<optax_name> (trainable)
   -> lr * lr_mult + decoupled weight decay (wd * wd_mult * param)
   -> per-pattern schedule multiplier -> zero for frozen -> negate.
 Weight decay is NOT multiplied by `lr`, only by the schedule (so `wd` ~ lr * torch_wd).
@@ -190,6 +190,19 @@ def _lr_wd_schedule(lr, wd, plan, sched_fns, names_tree):
   return optax.GradientTransformation(init, update)
 
 
+def clip_by_global_norm(max_norm):
+  """optax.clip_by_global_norm as one scalar factor, `g * min(1, max_norm / norm)`, equal
+  to optax's up to rounding (1 ulp). optax selects between `g` and `g / norm * max_norm`,
+  and XLA:CPU writes that scaled copy of every trained weight's gradient to memory before
+  the moments read both; a factor fuses into the moments' own loops."""
+  def update(updates, state, params=None):
+    del params
+    norm = optax.tree.norm(updates)
+    factor = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+    return jax.tree.map(lambda g: g * factor.astype(g.dtype), updates), state
+  return optax.GradientTransformation(optax.init_empty_state, update)
+
+
 def make(config, params, *, total_steps, batch_size=None, data_size=None):
   """Returns (tx, plan, sched_fns) for `params` (a tree of arrays or ShapeDtypeStructs)."""
   plan = plan_params(config, params)
@@ -202,7 +215,7 @@ def make(config, params, *, total_steps, batch_size=None, data_size=None):
   optax_kw = dict(config.get("optax", {}) or {})
   parts = []
   if config.get("grad_clip_norm"):
-    parts.append(optax.masked(optax.clip_by_global_norm(config.grad_clip_norm), mask))
+    parts.append(optax.masked(clip_by_global_norm(config.grad_clip_norm), mask))
   parts.append(optax.masked(getattr(optax, optax_name)(**optax_kw), mask))
   parts.append(_lr_wd_schedule(config.lr, config.get("wd", 0.0), plan, sched_fns, names_tree))
   parts.append(optax.scale(-1.0))

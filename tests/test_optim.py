@@ -84,6 +84,28 @@ def test_lr_mults_wd_mults_and_grad_clip():
                              rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("scale", [0.01, 100.0])  # Under the max norm, then over it.
+def test_clip_equals_optax_and_keeps_no_clipped_copy_of_the_gradient(scale):
+  params = {"table": jnp.ones((4096, 64)), "w": jnp.ones((64, 64))}
+  grads = jax.tree.map(lambda x: scale * jnp.sin(jnp.arange(x.size, dtype=jnp.float32))
+                       .reshape(x.shape), params)
+  ours, ref = (tx.update(grads, tx.init(params))[0] for tx in
+               (optim.clip_by_global_norm(1.0), optax.clip_by_global_norm(1.0)))
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(a, b, rtol=2e-7, atol=0)
+  assert float(optax.tree.norm(ours)) == pytest.approx(min(1.0, float(optax.tree.norm(grads))),
+                                                       rel=1e-6)
+  # The trainer's chain, donated as the trainer runs it: XLA keeps no gradient-sized buffer.
+  config = _config(grad_clip_norm=1.0, wd=1e-4)
+  tx, _, _ = optim.make(config, params, total_steps=10)
+  def step(p, o, g):
+    u, o = tx.update(g, o, p)
+    return optax.apply_updates(p, u), o
+  step = jax.jit(step, donate_argnums=(0, 1))
+  temp = step.lower(params, tx.init(params), grads).compile().memory_analysis().temp_size_in_bytes
+  assert temp < params["table"].nbytes / 8, temp  # optax's clip: a whole clipped copy (1.06 MB)
+
+
 def test_lora_merge_trains_only_low_rank_and_saves_optimizer_memory():
   w = jax.random.normal(jax.random.key(0), (4, 64, 96))  # 4 stacked layers of [64, 96]
   params = {"llm": {"layers": {"w": w}, "norm": jnp.ones((64,))}}
