@@ -51,7 +51,9 @@ def get_config(arg=None):
   c.resume = True  # continue from the last complete checkpoint in the workdir
   c.distributed = False  # jax.distributed.initialize() (multi-host); or BVCXR_DISTRIBUTED=1
   c.model_name = "paligemma"
-  c.model = dict(variant=arg.variant or "pg1_3b_224", img=dict(), llm=dict(remat=False))
+  # remat and scan_unroll: docs/TRAINING.md (on CPU, set model.llm.scan_unroll=True).
+  towers = dict(remat=False, scan_unroll=False)
+  c.model = dict(variant=arg.variant or "pg1_3b_224", img=dict(towers), llm=dict(towers))
   if c.model.variant.startswith("pg2_"):
     # PaliGemma 2 pt models soft-cap the final logits at 30; big_vision fine-tunes them
     # without that cap (its PG2 transfer configs set 0.0), and so do we.
@@ -121,7 +123,8 @@ def _demo(c, tasks, pretrain):
   seed 1: other images and patients, 1500 steps, ~17 minutes), then
   `python -m big_vision_cxr.convert export ... --bf16`.
   """
-  c.model = dict(variant="demo", img=dict(), llm=dict())
+  c.model = dict(variant="demo", img=dict(remat=False, scan_unroll=False),
+                 llm=dict(remat=False, scan_unroll=False))
   c.model_init = "" if pretrain else os.path.join(_ASSETS, "cxr_demo_pt.npz")
   c.tokenizer = os.path.join(_ASSETS, "cxr_demo_spm.model")
   c.compute_dtype = ""

@@ -75,6 +75,6 @@ def test_cxr_mix_pg2_variant_fine_tunes_without_final_softcap():
   default = common.model_config(config_lib.load_config(str(CXR_MIX)))  # PG1: no final softcap.
   assert "final_logits_softcap" not in default.llm
   assert config_lib.load_config(f"{CXR_MIX}:variant=pg1_3b_448").model.llm.to_dict() == \
-      dict(remat=False)
+      dict(remat=False, scan_unroll=False)
   with pytest.raises(ValueError, match="exclude each other"):
     config_lib.load_config(f"{CXR_MIX}:demo,variant=pg2_3b_224")
