@@ -30,6 +30,9 @@ _ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
                        "big_vision_cxr", "assets")
 _SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
                        "shared", "data")
+# Each tower's options, named so that --config.model.{img,llm}.<option>= overrides them:
+# remat and scan_unroll, docs/TRAINING.md (on CPU, set model.llm.scan_unroll=True).
+_TOWERS = dict(remat=False, scan_unroll=False)
 # Evaluators: TASK_EVALS, the type and decoding length of each task (evaluators/common.py).
 # The final table's first rows per eval (evaluators/table.py adds each task's headline
 # metrics: diagnosis sensitivity/specificity/ECE, ...); the first is the best_metric.
@@ -51,9 +54,7 @@ def get_config(arg=None):
   c.resume = True  # continue from the last complete checkpoint in the workdir
   c.distributed = False  # jax.distributed.initialize() (multi-host); or BVCXR_DISTRIBUTED=1
   c.model_name = "paligemma"
-  # remat and scan_unroll: docs/TRAINING.md (on CPU, set model.llm.scan_unroll=True).
-  towers = dict(remat=False, scan_unroll=False)
-  c.model = dict(variant=arg.variant or "pg1_3b_224", img=dict(towers), llm=dict(towers))
+  c.model = dict(variant=arg.variant or "pg1_3b_224", img=dict(_TOWERS), llm=dict(_TOWERS))
   if c.model.variant.startswith("pg2_"):
     # PaliGemma 2 pt models soft-cap the final logits at 30; big_vision fine-tunes them
     # without that cap (its PG2 transfer configs set 0.0), and so do we.
@@ -123,8 +124,7 @@ def _demo(c, tasks, pretrain):
   seed 1: other images and patients, 1500 steps, ~17 minutes), then
   `python -m big_vision_cxr.convert export ... --bf16`.
   """
-  c.model = dict(variant="demo", img=dict(remat=False, scan_unroll=False),
-                 llm=dict(remat=False, scan_unroll=False))
+  c.model = dict(variant="demo", img=dict(_TOWERS), llm=dict(_TOWERS))
   c.model_init = "" if pretrain else os.path.join(_ASSETS, "cxr_demo_pt.npz")
   c.tokenizer = os.path.join(_ASSETS, "cxr_demo_spm.model")
   c.compute_dtype = ""
